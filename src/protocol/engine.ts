@@ -1,0 +1,248 @@
+/**
+ * The engine protocol: the one seam between the TypeScript control plane and the Python engine.
+ *
+ * Transport: newline-delimited JSON over a dedicated bidirectional pipe (file descriptor 3 of the
+ * engine process), never stdout, which libraries print to. The control plane sends requests; the
+ * engine answers each with exactly one `result` or `error` carrying the request's id, and may send
+ * any number of `event`s with that id before it. These zod schemas are the source of truth; the
+ * JSON Schema export (`engine.schema.json`, see export-schema.ts) is checked in and the engine's
+ * tests validate every message they see against it.
+ */
+import { z } from "zod";
+
+/** Bumped on any incompatible change; `hello` refuses a mismatch. */
+export const PROTOCOL_VERSION = 1;
+
+/** Error codes the engine may answer with. Each has one meaning; see src/errors.ts for the fixes. */
+export const EngineErrorCode = z.enum([
+  "BAD_REQUEST", // the message failed validation on the engine side (a bug in the control plane)
+  "UNSUPPORTED_PROTOCOL", // hello with a protocol version this engine does not speak
+  "BAD_CHECKPOINT", // a checkpoint folder or file is missing, truncated or corrupt
+  "MODEL_NOT_LOADED", // generate before load
+  "DEVICE_UNAVAILABLE", // asked for cuda where there is none
+  "OOM", // out of device (or host) memory; the engine freed what it could
+  "CANCELLED", // the job was cancelled between steps
+  "OUTPUT_UNWRITABLE", // the output path cannot be written
+  "ENCODER_FAILED", // the video encoder failed
+  "INTERNAL", // anything else: a bug; the message carries the exception
+]);
+export type EngineErrorCode = z.infer<typeof EngineErrorCode>;
+
+export const Phase = z.enum(["load", "text_encode", "denoise", "decode", "encode"]);
+export type Phase = z.infer<typeof Phase>;
+
+export const EngineError = z.object({
+  code: EngineErrorCode,
+  message: z.string(),
+  phase: Phase.nullable().optional(),
+  /** The request field at fault, where there is one (e.g. "job.output.video"). */
+  field: z.string().nullable().optional(),
+});
+export type EngineError = z.infer<typeof EngineError>;
+
+export const Device = z.enum(["cuda", "cpu"]);
+export type Device = z.infer<typeof Device>;
+export const DType = z.enum(["bfloat16", "float16", "float32"]);
+export type DType = z.infer<typeof DType>;
+
+const Id = z.string().min(1).max(128);
+const Bytes = z.number().int().nonnegative();
+const Config = z.record(z.string(), z.unknown());
+
+/**
+ * A full-size architecture built with random weights (for benchmarks: timings don't depend on the
+ * values). Configs are the diffusers/transformers config dicts of each component.
+ */
+export const WanArchitecture = z.object({
+  family: z.literal("wan2.1-t2v"),
+  transformer: Config,
+  vae: Config,
+  textEncoder: Config,
+  scheduler: z.object({ className: z.string(), config: Config }),
+  /** Vocabulary size of the synthetic tokenizer built for random-weight runs. */
+  tokenizerVocabSize: z.number().int().positive(),
+});
+export type WanArchitecture = z.infer<typeof WanArchitecture>;
+
+export const ModelSource = z.discriminatedUnion("kind", [
+  /** A diffusers-format checkpoint folder (model_index.json, transformer/, vae/, …). */
+  z.object({ kind: z.literal("checkpoint"), path: z.string().min(1) }),
+  /** A catalog architecture with random weights ~ N(0, 0.02). */
+  z.object({ kind: z.literal("random"), architecture: WanArchitecture, seed: z.number().int().nonnegative() }),
+]);
+export type ModelSource = z.infer<typeof ModelSource>;
+
+export const ModelSpec = z.object({
+  /** A display name: the catalog id or the folder. */
+  name: z.string().min(1),
+  source: ModelSource,
+  device: Device,
+  /** Precision of the transformer and VAE; the text encoder follows it. */
+  dtype: DType,
+});
+export type ModelSpec = z.infer<typeof ModelSpec>;
+
+export const JobSpec = z.object({
+  prompt: z.string(),
+  negativePrompt: z.string(),
+  width: z.number().int().positive(),
+  height: z.number().int().positive(),
+  frames: z.number().int().positive(),
+  steps: z.number().int().positive(),
+  guidance: z.number().nonnegative(),
+  /** Flow shift; null keeps the checkpoint scheduler's own. */
+  shift: z.number().positive().nullable(),
+  seed: z.number().int().nonnegative(),
+  /** Frames per second of the video; null takes the model's. */
+  fps: z.number().positive().nullable(),
+  output: z.object({
+    /** MP4 (H.264, yuv420p) path, written to a temporary name and renamed; null for none. */
+    video: z.string().min(1).nullable(),
+    /** Folder for a lossless PNG sequence (frame_00000.png, …); null for none. */
+    framesDir: z.string().min(1).nullable(),
+  }),
+});
+export type JobSpec = z.infer<typeof JobSpec>;
+
+// ---- requests (control plane → engine) ----
+
+export const HelloRequest = z.object({ type: z.literal("hello"), id: Id, protocol: z.number().int() });
+export const LoadRequest = z.object({ type: z.literal("load"), id: Id, model: ModelSpec });
+export const GenerateRequest = z.object({ type: z.literal("generate"), id: Id, job: JobSpec });
+export const CancelRequest = z.object({ type: z.literal("cancel"), id: Id, target: Id });
+export const ShutdownRequest = z.object({ type: z.literal("shutdown"), id: Id });
+
+export const EngineRequest = z.discriminatedUnion("type", [
+  HelloRequest,
+  LoadRequest,
+  GenerateRequest,
+  CancelRequest,
+  ShutdownRequest,
+]);
+export type EngineRequest = z.infer<typeof EngineRequest>;
+export type RequestType = EngineRequest["type"];
+
+// ---- results ----
+
+export const DeviceInfo = z.object({
+  index: z.number().int().nonnegative(),
+  name: z.string(),
+  totalBytes: Bytes,
+  freeBytes: Bytes,
+  /** CUDA compute capability, e.g. "9.0". */
+  capability: z.string(),
+});
+export type DeviceInfo = z.infer<typeof DeviceInfo>;
+
+export const HelloResult = z.object({
+  protocol: z.number().int(),
+  engineVersion: z.string(),
+  python: z.string(),
+  torch: z.string(),
+  /** CUDA runtime torch was built with, null for a CPU-only build. */
+  cuda: z.string().nullable(),
+  diffusers: z.string(),
+  transformers: z.string(),
+  encoder: z.object({ name: z.string(), version: z.string(), h264: z.boolean() }),
+  devices: z.array(DeviceInfo),
+  hostRamBytes: Bytes,
+  hostRamAvailableBytes: Bytes,
+});
+export type HelloResult = z.infer<typeof HelloResult>;
+
+export const ComponentInfo = z.object({
+  name: z.string(),
+  className: z.string(),
+  parameters: z.number().int().nonnegative(),
+  bytes: Bytes,
+});
+
+export const LoadResult = z.object({
+  name: z.string(),
+  device: Device,
+  dtype: DType,
+  /** The model's native frame rate. */
+  fps: z.number().positive(),
+  /** Spatial and temporal VAE compression and the transformer patch: what sizes are legal. */
+  vaeScaleSpatial: z.number().int().positive(),
+  vaeScaleTemporal: z.number().int().positive(),
+  components: z.array(ComponentInfo),
+  loadMs: z.number().nonnegative(),
+});
+export type LoadResult = z.infer<typeof LoadResult>;
+
+export const Timings = z.object({
+  textEncodeMs: z.number().nonnegative(),
+  denoiseMs: z.number().nonnegative(),
+  decodeMs: z.number().nonnegative(),
+  encodeMs: z.number().nonnegative(),
+  totalMs: z.number().nonnegative(),
+});
+
+export const GenerateResult = z.object({
+  frames: z.number().int().positive(),
+  width: z.number().int().positive(),
+  height: z.number().int().positive(),
+  fps: z.number().positive(),
+  output: z.object({ video: z.string().nullable(), framesDir: z.string().nullable() }),
+  timings: Timings,
+  secondsPerStep: z.number().nonnegative(),
+  /** Peak device memory allocated during the job (torch's counter), null on CPU. */
+  peakVramBytes: Bytes.nullable(),
+  /** Peak resident set size of the engine process. */
+  peakRamBytes: Bytes,
+});
+export type GenerateResult = z.infer<typeof GenerateResult>;
+
+export const CancelResult = z.object({ cancelled: z.boolean() });
+export const ShutdownResult = z.object({});
+
+/** Which result schema answers which request. */
+export const ResultFor = {
+  hello: HelloResult,
+  load: LoadResult,
+  generate: GenerateResult,
+  cancel: CancelResult,
+  shutdown: ShutdownResult,
+} as const;
+export type ResultFor = { [K in RequestType]: z.infer<(typeof ResultFor)[K]> };
+
+// ---- events (engine → control plane, streamed before the result) ----
+
+export const PhaseEvent = z.object({
+  kind: z.literal("phase"),
+  phase: Phase,
+  state: z.enum(["start", "end"]),
+  /** Duration, on "end". */
+  ms: z.number().nonnegative().nullable(),
+});
+export const StepEvent = z.object({
+  kind: z.literal("step"),
+  /** 1-based index of the step just finished. */
+  i: z.number().int().positive(),
+  n: z.number().int().positive(),
+  ms: z.number().nonnegative(),
+  vramBytes: Bytes.nullable(),
+  ramBytes: Bytes,
+});
+export const LoadProgressEvent = z.object({
+  kind: z.literal("load"),
+  component: z.string(),
+  bytes: Bytes,
+  totalBytes: Bytes,
+});
+export const LogEvent = z.object({
+  kind: z.literal("log"),
+  level: z.enum(["debug", "info", "warn"]),
+  message: z.string(),
+});
+export const EngineEvent = z.discriminatedUnion("kind", [PhaseEvent, StepEvent, LoadProgressEvent, LogEvent]);
+export type EngineEvent = z.infer<typeof EngineEvent>;
+
+// ---- messages (engine → control plane) ----
+
+export const ResultMessage = z.object({ type: z.literal("result"), id: Id, result: z.record(z.string(), z.unknown()) });
+export const ErrorMessage = z.object({ type: z.literal("error"), id: Id, error: EngineError });
+export const EventMessage = z.object({ type: z.literal("event"), id: Id, event: EngineEvent });
+export const EngineMessage = z.discriminatedUnion("type", [ResultMessage, ErrorMessage, EventMessage]);
+export type EngineMessage = z.infer<typeof EngineMessage>;
