@@ -1,0 +1,33 @@
+/**
+ * The one interface the control plane talks to an engine through. Implementations: SubprocessEngine
+ * (the Python worker, speaking protocol/engine.ts over a pipe) and FakeEngine (in-process, for tests
+ * of everything above this seam). Both pass test/engine-conformance.ts.
+ */
+import type { EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../protocol/engine.ts";
+
+export interface RequestOptions {
+  /** Called with each event the engine streams for the request, in order. */
+  onEvent?: (event: EngineEvent) => void;
+  /**
+   * For generate: aborting sends `cancel`; the engine stops between steps and the call rejects with
+   * CANCELLED. Aborted before the call, it rejects at once without reaching the engine.
+   */
+  signal?: AbortSignal;
+}
+
+export interface EngineClient {
+  /** Versions, devices and host memory; checks that the engine speaks our protocol version. */
+  hello(): Promise<HelloResult>;
+  /** Loads a model (replacing any loaded one); streams load progress events. */
+  load(model: ModelSpec, options?: Omit<RequestOptions, "signal">): Promise<LoadResult>;
+  /** Runs one job on the loaded model; streams phase and step events. */
+  generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult>;
+  /**
+   * Asks the engine to shut down and waits for it, killing it after a grace period. Idempotent;
+   * requests pending or made after it reject with ENGINE_CLOSED.
+   */
+  close(): Promise<void>;
+}
+
+/** Starts an engine; injected wherever one is needed, so callers can be tested with FakeEngine. */
+export type EngineFactory = () => Promise<EngineClient>;

@@ -1,0 +1,233 @@
+/**
+ * An in-process engine for testing everything above the engine seam without Python. It behaves like
+ * the real one where callers can tell: the same events in the same order (phases start/end, steps
+ * 1..n), cancellation honoured between steps, the same error codes for the same situations (not
+ * loaded, bad checkpoint, unwritable output, no GPU), and real outputs: ffmpeg's test pattern as an
+ * H.264 MP4 and PNG frames of the job's size, length and rate. It knows nothing of tensors.
+ */
+import { constants } from "node:fs";
+import { access, readdir, stat } from "node:fs/promises";
+import { freemem, totalmem } from "node:os";
+import { dirname } from "node:path";
+import { z } from "zod";
+import { inspectCheckpoint } from "../catalog/checkpoint.ts";
+import { KinoError } from "../errors.ts";
+import { renderPatternFrames, renderPatternVideo } from "../media/test-pattern.ts";
+import { toolVersion } from "../media/exec.ts";
+import {
+  JobSpec,
+  ModelSpec,
+  PROTOCOL_VERSION,
+  type DeviceInfo,
+  type EngineEvent,
+  type GenerateResult,
+  type HelloResult,
+  type LoadResult,
+  type Phase,
+} from "../protocol/engine.ts";
+import type { EngineClient, RequestOptions } from "./client.ts";
+
+export interface FakeEngineOptions {
+  /** GPUs the fake reports; with none, `cuda` is unavailable. @default [] */
+  devices?: DeviceInfo[];
+  /** Time each denoising step takes. @default 5 */
+  stepMs?: number;
+  /** @default "ffmpeg" */
+  ffmpeg?: string;
+}
+
+/** The model's native frame rate the fake reports (Wan's). */
+const FAKE_FPS = 16;
+
+export class FakeEngine implements EngineClient {
+  readonly #devices: DeviceInfo[];
+  readonly #stepMs: number;
+  readonly #ffmpeg: string;
+  #loaded: ModelSpec | null = null;
+  #closed = false;
+  /** Jobs run one at a time, like the real worker's loop. */
+  #queue: Promise<unknown> = Promise.resolve();
+
+  constructor(options: FakeEngineOptions = {}) {
+    this.#devices = options.devices ?? [];
+    this.#stepMs = options.stepMs ?? 5;
+    this.#ffmpeg = options.ffmpeg ?? "ffmpeg";
+  }
+
+  async hello(): Promise<HelloResult> {
+    this.#checkOpen();
+    return {
+      protocol: PROTOCOL_VERSION,
+      engineVersion: "fake",
+      python: "none (in-process fake)",
+      torch: "none",
+      cuda: this.#devices.length > 0 ? "fake" : null,
+      diffusers: "none",
+      transformers: "none",
+      encoder: { name: "ffmpeg", version: await toolVersion(this.#ffmpeg), h264: true },
+      devices: this.#devices,
+      hostRamBytes: totalmem(),
+      hostRamAvailableBytes: freemem(),
+    };
+  }
+
+  load(model: ModelSpec, options: Omit<RequestOptions, "signal"> = {}): Promise<LoadResult> {
+    return this.#serial(() => this.#load(model, options));
+  }
+
+  generate(job: JobSpec, options: RequestOptions = {}): Promise<GenerateResult> {
+    if (options.signal?.aborted) return Promise.reject(new KinoError("CANCELLED", "the job was cancelled before it started"));
+    return this.#serial(() => this.#generate(job, options));
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#loaded = null;
+    await this.#queue.catch(() => {});
+  }
+
+  #serial<T>(run: () => Promise<T>): Promise<T> {
+    const next = this.#queue.then(run, run);
+    this.#queue = next.catch(() => {});
+    return next;
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new KinoError("ENGINE_CLOSED", "the engine was closed");
+  }
+
+  async #load(spec: ModelSpec, options: Omit<RequestOptions, "signal">): Promise<LoadResult> {
+    this.#checkOpen();
+    const started = performance.now();
+    const model = parseRequest(ModelSpec, spec, "model");
+    if (model.device === "cuda" && this.#devices.length === 0) {
+      throw new KinoError("DEVICE_UNAVAILABLE", "cuda was asked for but this engine sees no CUDA device", {
+        field: "model.device",
+        phase: "load",
+      });
+    }
+    this.#loaded = null;
+    const emit = (event: EngineEvent) => options.onEvent?.(event);
+    emit({ kind: "phase", phase: "load", state: "start", ms: null });
+    const components: LoadResult["components"] = [];
+    if (model.source.kind === "checkpoint") {
+      const info = await inspectCheckpoint(model.source.path, "model.source.path").catch((err: unknown) => {
+        // The engine has one code for every way a checkpoint can be wrong.
+        if (err instanceof KinoError) throw new KinoError("BAD_CHECKPOINT", err.message, { field: err.field, phase: "load" });
+        throw err;
+      });
+      for (const name of info.components) {
+        emit({ kind: "load", component: name, bytes: 0, totalBytes: 0 });
+        components.push({ name, className: name, parameters: 0, bytes: 0 });
+      }
+    } else {
+      for (const name of ["text_encoder", "transformer", "vae"]) {
+        components.push({ name, className: name, parameters: 0, bytes: 0 });
+      }
+    }
+    const loadMs = performance.now() - started;
+    emit({ kind: "phase", phase: "load", state: "end", ms: loadMs });
+    this.#loaded = model;
+    return {
+      name: model.name,
+      device: model.device,
+      dtype: model.dtype,
+      fps: FAKE_FPS,
+      vaeScaleSpatial: 8,
+      vaeScaleTemporal: 4,
+      components,
+      loadMs,
+    };
+  }
+
+  async #generate(spec: JobSpec, options: RequestOptions): Promise<GenerateResult> {
+    this.#checkOpen();
+    const job = parseRequest(JobSpec, spec, "job");
+    const model = this.#loaded;
+    if (model === null) throw new KinoError("MODEL_NOT_LOADED", "generate was asked before a model was loaded; send load first");
+    await checkOutputs(job);
+    const emit = (event: EngineEvent) => options.onEvent?.(event);
+    const started = performance.now();
+    const ms: Record<Phase, number> = { load: 0, text_encode: 0, denoise: 0, decode: 0, encode: 0 };
+    const phase = async (name: Phase, body: () => Promise<void>) => {
+      emit({ kind: "phase", phase: name, state: "start", ms: null });
+      const t0 = performance.now();
+      await body();
+      ms[name] = performance.now() - t0;
+      emit({ kind: "phase", phase: name, state: "end", ms: ms[name] });
+    };
+    const checkCancel = (at: Phase) => {
+      if (options.signal?.aborted) throw new KinoError("CANCELLED", "the job was cancelled", { phase: at });
+      if (this.#closed) throw new KinoError("ENGINE_CLOSED", "the engine was closed during the job", { phase: at });
+    };
+    const fps = job.fps ?? FAKE_FPS;
+    const pattern = { width: job.width, height: job.height, frames: job.frames, fps };
+    await phase("text_encode", () => sleep(1));
+    await phase("denoise", async () => {
+      for (let i = 1; i <= job.steps; i++) {
+        checkCancel("denoise");
+        const t0 = performance.now();
+        await sleep(this.#stepMs);
+        emit({ kind: "step", i, n: job.steps, ms: performance.now() - t0, vramBytes: null, ramBytes: process.memoryUsage().rss });
+      }
+    });
+    checkCancel("decode");
+    await phase("decode", async () => {
+      if (job.output.framesDir !== null) await renderPatternFrames(pattern, job.output.framesDir, this.#ffmpeg);
+    });
+    await phase("encode", async () => {
+      if (job.output.video !== null) await renderPatternVideo(pattern, job.output.video, this.#ffmpeg);
+    });
+    const totalMs = performance.now() - started;
+    return {
+      frames: job.frames,
+      width: job.width,
+      height: job.height,
+      fps,
+      output: { video: job.output.video, framesDir: job.output.framesDir },
+      timings: {
+        textEncodeMs: ms.text_encode,
+        denoiseMs: ms.denoise,
+        decodeMs: ms.decode,
+        encodeMs: ms.encode,
+        totalMs,
+      },
+      secondsPerStep: ms.denoise / job.steps / 1000,
+      peakVramBytes: model.device === "cuda" ? 0 : null,
+      peakRamBytes: process.memoryUsage().rss,
+    };
+  }
+}
+
+/** Validates a request body as the real engine does: a mismatch is the control plane's bug. */
+function parseRequest<T>(schema: z.ZodType<T>, value: unknown, what: string): T {
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) throw new KinoError("BAD_REQUEST", `the ${what} does not match the protocol: ${parsed.error.message}`);
+  return parsed.data;
+}
+
+/** The real engine refuses outputs it cannot write before doing any work; so does the fake. */
+async function checkOutputs(job: JobSpec): Promise<void> {
+  const writableDir = (dir: string) => access(dir, constants.W_OK).then(() => true, () => false);
+  const { video, framesDir } = job.output;
+  if (video !== null) {
+    const isDir = await stat(video).then((s) => s.isDirectory(), () => false);
+    if (isDir || !(await writableDir(dirname(video)))) {
+      throw new KinoError("OUTPUT_UNWRITABLE", `cannot write the video to ${video}: ${isDir ? "it is a folder" : "its folder does not exist or is not writable"}`, {
+        field: "job.output.video",
+      });
+    }
+  }
+  if (framesDir !== null) {
+    const entries = await readdir(framesDir).catch(() => null);
+    if ((entries !== null && entries.length > 0) || !(await writableDir(dirname(framesDir)))) {
+      throw new KinoError("OUTPUT_UNWRITABLE", `cannot write frames into ${framesDir}: ${entries?.length ? "it is not empty" : "its parent folder does not exist or is not writable"}`, {
+        field: "job.output.framesDir",
+      });
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
