@@ -1,0 +1,91 @@
+/**
+ * The model commands' API: what the catalog holds and what is on disk, making kino's tiny model,
+ * and downloading a catalog model into kino's home.
+ */
+import { readdir, rename, stat } from "node:fs/promises";
+import { resolve } from "node:path";
+import type { KinoConfig } from "../config/config.ts";
+import { CATALOG, catalogIds, findCatalogModel, TINY_ID } from "../catalog/models.ts";
+import { catalogModelPath, isModelPresent } from "../catalog/resolve.ts";
+import { KinoError } from "../errors.ts";
+import type { ToolOptions } from "../engine/tools.ts";
+
+export interface ModelListing {
+  readonly id: string;
+  readonly description: string;
+  readonly origin: "hub" | "kino";
+  readonly hubRepo: string | null;
+  /** Where it lives (or would) under kino's home. */
+  readonly path: string;
+  readonly present: boolean;
+  /** Can be run with random weights for timings (`--random-weights`). */
+  readonly randomWeights: boolean;
+}
+
+export async function listModels(config: Pick<KinoConfig, "modelsDir">): Promise<ModelListing[]> {
+  return Promise.all(
+    CATALOG.map(async (m) => ({
+      id: m.id,
+      description: m.description,
+      origin: m.origin,
+      hubRepo: m.hubRepo,
+      path: catalogModelPath(config.modelsDir, m.id),
+      present: await isModelPresent(config.modelsDir, m.id),
+      randomWeights: m.architecture !== null,
+    })),
+  );
+}
+
+/** The engine's one-shot tools, injected so the commands are testable without Python. */
+export interface ModelTools {
+  makeTiny(dir: string, seed: number | undefined, options?: ToolOptions): Promise<Record<string, unknown>>;
+  pull(repoId: string, dir: string, options?: ToolOptions): Promise<Record<string, unknown>>;
+}
+
+/**
+ * Makes kino's tiny checkpoint in `dir` (which must not exist, or be empty).
+ * @throws KinoError INVALID_ARGUMENT naming the folder otherwise.
+ */
+export async function makeTinyModel(
+  dir: string,
+  seed: number | undefined,
+  deps: { readonly tools: ModelTools; readonly cwd: string },
+  options: ToolOptions = {},
+): Promise<{ path: string; answer: Record<string, unknown> }> {
+  const path = resolve(deps.cwd, dir);
+  const st = await stat(path).catch(() => null);
+  if (st !== null && (!st.isDirectory() || (await readdir(path)).length > 0)) {
+    throw new KinoError("INVALID_ARGUMENT", `${path} exists and is not an empty folder; give a new folder`, { field: "dir" });
+  }
+  if (seed !== undefined && !(Number.isInteger(seed) && seed >= 0)) {
+    throw new KinoError("INVALID_ARGUMENT", `must be a whole number ≥ 0; got ${seed}`, { field: "seed" });
+  }
+  return { path, answer: await deps.tools.makeTiny(path, seed, options) };
+}
+
+/**
+ * Downloads a catalog model into <home>/models/<id>. It downloads into a fixed side folder that a
+ * later pull resumes, and renames it into place once complete, so a half-done pull never looks present.
+ * @throws KinoError UNKNOWN_MODEL, INVALID_ARGUMENT (tiny is made, not pulled)
+ */
+export async function pullModel(
+  id: string,
+  deps: { readonly tools: ModelTools; readonly config: Pick<KinoConfig, "modelsDir"> },
+  options: ToolOptions = {},
+): Promise<{ id: string; path: string; alreadyPresent: boolean }> {
+  const model = findCatalogModel(id);
+  if (model === undefined) {
+    throw new KinoError("UNKNOWN_MODEL", `unknown model "${id}"; known ids: ${catalogIds().join(", ")}`, { field: "id" });
+  }
+  const path = catalogModelPath(deps.config.modelsDir, id);
+  if (model.hubRepo === null) {
+    throw new KinoError("INVALID_ARGUMENT", `${TINY_ID} is made by kino, not downloaded: it is made on first use of --model ${TINY_ID}, or run kino models make-tiny DIR`, {
+      field: "id",
+    });
+  }
+  if (await isModelPresent(deps.config.modelsDir, id)) return { id, path, alreadyPresent: true };
+  const partial = `${path}.partial`;
+  await deps.tools.pull(model.hubRepo, partial, options);
+  await rename(partial, path);
+  return { id, path, alreadyPresent: false };
+}

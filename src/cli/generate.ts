@@ -1,0 +1,113 @@
+/** `kino generate`: flags → GenerateOptions → generateVideo, with progress and a closing summary. */
+import { Command, Option } from "commander";
+import { generateVideo, type GenerateOutcome } from "../api/generate.ts";
+import type { GenerateOptions } from "../api/generate-options.ts";
+import type { CliContext } from "./context.ts";
+import { integerFlag, numberFlag } from "./flags.ts";
+import { bytes, seconds } from "./format.ts";
+import { ProgressReporter } from "./progress.ts";
+
+interface GenerateFlags {
+  model: string;
+  prompt: string;
+  negativePrompt?: string;
+  size?: string;
+  frames?: string;
+  steps?: string;
+  guidance?: string;
+  shift?: string;
+  seed?: string;
+  fps?: string;
+  device?: "cuda" | "cpu";
+  dtype?: "bf16" | "fp16" | "fp32";
+  randomWeights?: boolean;
+  framesDir?: string;
+  out: string;
+  json?: boolean;
+}
+
+export function generateCommand(ctx: CliContext): Command {
+  return new Command("generate")
+    .description("generate a video from a text prompt")
+    .option("--model <id|path>", "a catalog id (kino models list), a checkpoint folder, or auto: the 1.3B model on a GPU when downloaded, else tiny", "auto")
+    .requiredOption("--prompt <text>", "what the video shows")
+    .option("--negative-prompt <text>", "what it should not show (default: the model's; Wan's standard one)")
+    .option("--size <WxH>", "width x height, multiples of 16 (default: the model's, 832x480)")
+    .option("--frames <n>", "number of frames, 4k+1 (default: the model's, 81)")
+    .option("--steps <n>", "denoising steps (default: the model's, 50)")
+    .option("--guidance <x>", "classifier-free guidance scale, 0 for none (default 5)")
+    .option("--shift <x>", "flow shift of the scheduler (default 3, for 480p)")
+    .option("--seed <n>", "random seed (default: random, printed)")
+    .option("--fps <n>", "frames per second of the video (default: the model's, 16)")
+    .addOption(new Option("--device <device>", "where to run (default: cuda if there is a GPU)").choices(["cuda", "cpu"]))
+    .addOption(new Option("--dtype <dtype>", "precision (default: bf16 on cuda, fp32 on cpu)").choices(["bf16", "fp16", "fp32"]))
+    .option("--random-weights", "build the catalog model's architecture with random weights: for timings only, the video is noise")
+    .option("--frames-dir <dir>", "also write the frames as PNGs into this new or empty folder")
+    .requiredOption("--out <file.mp4>", "the video to write (H.264 MP4)")
+    .option("--json", "print the result as one JSON object on stdout")
+    .action(async (flags: GenerateFlags) => {
+      const options: GenerateOptions = {
+        model: flags.model,
+        prompt: flags.prompt,
+        negativePrompt: flags.negativePrompt,
+        size: flags.size,
+        frames: integerFlag(flags.frames, "frames"),
+        steps: integerFlag(flags.steps, "steps"),
+        guidance: numberFlag(flags.guidance, "guidance"),
+        shift: numberFlag(flags.shift, "shift"),
+        seed: integerFlag(flags.seed, "seed"),
+        fps: numberFlag(flags.fps, "fps"),
+        device: flags.device,
+        dtype: flags.dtype,
+        randomWeights: flags.randomWeights ?? false,
+        out: flags.out,
+        framesDir: flags.framesDir,
+      };
+      const progress = new ProgressReporter({ write: ctx.io.stderr, tty: ctx.io.stderrIsTTY, columns: ctx.io.columns });
+      let outcome: GenerateOutcome;
+      try {
+        outcome = await generateVideo(
+          options,
+          {
+            config: ctx.config,
+            startEngine: ctx.startEngine,
+            makeTiny: (dir, signal) => ctx.tools.makeTiny(dir, undefined, { signal, logger: ctx.logger }),
+            cwd: ctx.cwd,
+          },
+          { onNotice: (m) => progress.notice(`kino: ${m}`), onEvent: progress.onEvent, signal: ctx.signal },
+        );
+      } finally {
+        progress.finish();
+      }
+      if (flags.json) ctx.io.stdout(JSON.stringify(outcomeJson(outcome)) + "\n");
+      else ctx.io.stderr(summary(outcome));
+    });
+}
+
+/** The `--json` document: the result, its timings, the model and the job as resolved. */
+export function outcomeJson(o: GenerateOutcome): Record<string, unknown> {
+  return {
+    ok: true,
+    model: o.model,
+    device: o.device,
+    dtype: o.dtype,
+    job: o.job,
+    load: o.load,
+    result: o.result,
+    timings: { ...o.result.timings, loadMs: o.load.loadMs, wallMs: o.wallMs },
+  };
+}
+
+export function summary(o: GenerateOutcome): string {
+  const r = o.result;
+  const t = r.timings;
+  const lines = [
+    `done in ${seconds(o.wallMs)} (engine start and load ${seconds(Math.max(0, o.wallMs - t.totalMs))})`,
+    `  text encode ${seconds(t.textEncodeMs)} · denoise ${seconds(t.denoiseMs)} (${r.secondsPerStep.toFixed(2)} s/step × ${o.job.steps}) · decode ${seconds(t.decodeMs)} · encode ${seconds(t.encodeMs)}`,
+    `  peak VRAM ${r.peakVramBytes === null ? `n/a (${o.device})` : bytes(r.peakVramBytes)} · peak RAM ${bytes(r.peakRamBytes)}`,
+  ];
+  if (r.output.video !== null) lines.push(`  video  ${r.output.video} (${r.frames} frames, ${r.width}x${r.height} at ${r.fps} fps)`);
+  if (r.output.framesDir !== null) lines.push(`  frames ${r.output.framesDir}/ (${r.frames} PNG)`);
+  if (o.model.noise) lines.push(`  (${o.model.name} has random weights: the video is noise)`);
+  return lines.join("\n") + "\n";
+}
