@@ -1,0 +1,286 @@
+"""kino's Wan 2.1 text-to-video loop: prompt -> T5 embeddings -> flow-matching denoise -> VAE -> frames.
+
+`WanT2V` holds the components as public attributes (`transformer`, `vae`, `text_encoder`,
+`tokenizer`, `scheduler_class`, `scheduler_config`) so benchmarks can drive them directly or hand
+them to diffusers' WanPipeline for comparison. Its math matches diffusers' WanPipeline (same
+prompt cleaning, T5 padding/trimming, CPU-seeded noise, scheduler, classifier-free guidance,
+latent un-normalization and uint8 rounding), so for the same inputs the frames agree to within one
+uint8 level; the parity tests hold it to that.
+
+Shapes, with B=1 batch, C latent channels, F/H/W frames/height/width, L=512 text tokens, D text dim:
+  noise/latents (B, C, (F-1)//st + 1, H//ss, W//ss) float32;  embeddings (B, L, D);
+  decoded video (B, 3, F, H, W) in [-1, 1];  frames (F, H, W, 3) uint8.
+
+It knows nothing about the protocol's transport, output files or memory reporting: progress goes to
+callbacks, cancellation comes from `is_cancelled()`, checked between steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Literal
+
+import ftfy
+import numpy as np
+import regex
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from ..checkpoint import inspect_checkpoint
+from ..protocol import CheckpointSource, EngineFailure, JobSpec, ModelSpec, Phase
+from ..system import resolve_device, torch_dtype
+from .wan_components import (
+    TEXT_ENCODER_MAX_LENGTH,
+    OnProgress,
+    WanComponents,
+    build_random_components,
+    load_checkpoint_components,
+)
+
+#: Config keys that hold a flow-matching scheduler's shift, in order of preference
+#: (UniPC/DPM-Solver: flow_shift; FlowMatchEulerDiscrete: shift).
+SHIFT_KEYS = ("flow_shift", "shift")
+
+OnPhase = Callable[[Phase, Literal["start", "end"], "float | None"], None]
+OnStep = Callable[[int, int, float], None]
+IsCancelled = Callable[[], bool]
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
+def _sync(device: torch.device) -> None:
+    # Timings must cover the GPU work, not its launch; one sync per step/phase costs microseconds
+    # against steps that take tens of milliseconds or more.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class WanVideo:
+    """The frames of one generation and how long each phase took (ms)."""
+
+    frames: np.ndarray
+    phase_ms: dict[str, float] = field(default_factory=dict)
+
+
+class WanT2V:
+    """A loaded Wan 2.1 T2V model and kino's loop over it."""
+
+    family = "wan2.1-t2v"
+    #: Wan 2.1's native frame rate.
+    fps = 16.0
+    max_sequence_length = TEXT_ENCODER_MAX_LENGTH
+
+    def __init__(self, components: WanComponents, device: torch.device, dtype: torch.dtype):
+        self.transformer = components.transformer
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.tokenizer = components.tokenizer
+        self.scheduler_class = components.scheduler_class
+        self.scheduler_config = dict(components.scheduler_config)
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, spec: ModelSpec, on_progress: OnProgress | None = None) -> WanT2V:
+        """Build from a checkpoint folder (validated first) or a random-weight architecture."""
+        device = resolve_device(spec.device)
+        dtype = torch_dtype(spec.dtype)
+        progress = on_progress or (lambda component, done, total: None)
+        if isinstance(spec.source, CheckpointSource):
+            checkpoint = inspect_checkpoint(spec.source.path)
+            components = load_checkpoint_components(checkpoint, device, dtype, progress)
+        else:
+            components = build_random_components(spec.source.architecture, spec.source.seed, device, dtype, progress)
+        return cls(components, device, dtype)
+
+    # ---- geometry ----
+
+    @property
+    def vae_scale_spatial(self) -> int:
+        return int(self.vae.config.scale_factor_spatial)
+
+    @property
+    def vae_scale_temporal(self) -> int:
+        return int(self.vae.config.scale_factor_temporal)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.transformer.config.in_channels)
+
+    def check_job(self, job: JobSpec) -> None:
+        """Refuse sizes this model cannot produce exactly (never round them silently)."""
+        _, patch_h, patch_w = self.transformer.config.patch_size
+        for name, size, patch in (("width", job.width, patch_w), ("height", job.height, patch_h)):
+            multiple = self.vae_scale_spatial * patch
+            if size % multiple:
+                raise EngineFailure(
+                    "BAD_REQUEST", f"job.{name} must be a multiple of {multiple} for this model, got {size}",
+                    field=f"job.{name}",
+                )
+        if (job.frames - 1) % self.vae_scale_temporal:
+            raise EngineFailure(
+                "BAD_REQUEST",
+                f"job.frames must be {self.vae_scale_temporal}k+1 (1, 5, 9, ..., 81) for this model, got {job.frames}",
+                field="job.frames",
+            )
+
+    def make_scheduler(self, shift: float | None) -> SchedulerMixin:
+        """A fresh scheduler from the checkpoint's config, with `shift` overriding its flow shift."""
+        config = dict(self.scheduler_config)
+        if shift is not None:
+            key = next((k for k in SHIFT_KEYS if k in config), None)
+            if key is None:
+                raise EngineFailure(
+                    "BAD_REQUEST",
+                    f"job.shift: the scheduler {self.scheduler_class.__name__} has no flow shift to override",
+                    field="job.shift",
+                )
+            config[key] = shift
+        return self.scheduler_class.from_config(config)
+
+    # ---- the three stages ----
+
+    @torch.inference_mode()
+    def encode_prompt(self, text: str) -> torch.Tensor:
+        """T5 embeddings (1, L, D) of the cleaned text, zero past its last token, in the model dtype."""
+        tokens = self.tokenizer(
+            [clean_prompt(text)],
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids = tokens.input_ids.to(self.device)  # (1, L)
+        mask = tokens.attention_mask.to(self.device)  # (1, L), ones then zeros
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (1, L, D)
+        hidden = hidden.to(self.text_encoder.dtype)
+        # Positions past the prompt's length become exact zeros (Wan trims and zero-pads; with a
+        # right-padded mask this is the same, without a host sync to read the length).
+        hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
+        return hidden.to(self.dtype)
+
+    def initial_latents(self, job: JobSpec) -> torch.Tensor:
+        """Seeded noise (1, C, F', H', W') drawn on the CPU in float32, so a seed means one video everywhere."""
+        shape = (
+            1,
+            self.latent_channels,
+            (job.frames - 1) // self.vae_scale_temporal + 1,
+            job.height // self.vae_scale_spatial,
+            job.width // self.vae_scale_spatial,
+        )
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        job: JobSpec,
+        on_step: OnStep | None = None,
+        is_cancelled: IsCancelled | None = None,
+    ) -> torch.Tensor:
+        """The flow-matching loop: latents (1, C, F', H', W') float32 after `job.steps` steps.
+
+        Classifier-free guidance (two forwards per step) runs when job.guidance > 1 and needs
+        `negative_embeds`. Raises EngineFailure(CANCELLED) between steps once is_cancelled().
+        """
+        guided = job.guidance > 1.0
+        if guided and negative_embeds is None:
+            raise ValueError("guidance > 1 needs negative_embeds")
+        scheduler = self.make_scheduler(job.shift)
+        scheduler.set_timesteps(job.steps, device=self.device)
+        # Starting at index 0 explicitly spares the scheduler a device->host lookup of t at step 1.
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        latents = self.initial_latents(job)
+        model_dtype = self.transformer.dtype
+        cond = prompt_embeds.to(model_dtype)
+        uncond = negative_embeds.to(model_dtype) if guided and negative_embeds is not None else None
+        n = len(timesteps)
+        for i, t in enumerate(timesteps):
+            if is_cancelled is not None and is_cancelled():
+                raise EngineFailure("CANCELLED", f"cancelled before step {i + 1} of {n}", phase="denoise")
+            started = time.perf_counter()
+            x = latents.to(model_dtype)  # (1, C, F', H', W')
+            timestep = t.expand(x.shape[0])  # (1,)
+            velocity = self.transformer(
+                hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False
+            )[0]
+            if uncond is not None:
+                velocity_uncond = self.transformer(
+                    hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
+                )[0]
+                velocity = velocity_uncond + job.guidance * (velocity - velocity_uncond)
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                _sync(self.device)
+                on_step(i + 1, n, (time.perf_counter() - started) * 1000.0)
+        if is_cancelled is not None and is_cancelled():
+            raise EngineFailure("CANCELLED", f"cancelled after step {n} of {n}", phase="denoise")
+        return latents
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """VAE-decode normalized latents (1, C, F', H', W') into uint8 frames (F, H, W, 3)."""
+        config = self.vae.config
+        latents = latents.to(self.device, self.vae.dtype)
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        video = self.vae.decode(latents * std + mean, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
+        frames = video[0].permute(1, 2, 3, 0)  # (F, H, W, 3)
+        # Same rounding as diffusers' VideoProcessor + numpy_to_pil: [0, 1] in float32, *255, round half even.
+        frames = (frames * 0.5 + 0.5).clamp(0, 1).float()
+        return (frames * 255).round().to(torch.uint8).cpu().numpy()
+
+    # ---- all of it ----
+
+    def generate(
+        self,
+        job: JobSpec,
+        on_phase: OnPhase | None = None,
+        on_step: OnStep | None = None,
+        is_cancelled: IsCancelled | None = None,
+    ) -> WanVideo:
+        """text_encode -> denoise -> decode, reporting each phase's start and end (ms)."""
+        self.check_job(job)
+        phases = _PhaseClock(self.device, on_phase)
+        with phases.run("text_encode"):
+            prompt_embeds = self.encode_prompt(job.prompt)
+            negative_embeds = self.encode_prompt(job.negative_prompt) if job.guidance > 1.0 else None
+        with phases.run("denoise"):
+            latents = self.denoise(prompt_embeds, negative_embeds, job, on_step, is_cancelled)
+        del prompt_embeds, negative_embeds
+        with phases.run("decode"):
+            frames = self.decode(latents)
+        return WanVideo(frames=frames, phase_ms=phases.ms)
+
+
+class _PhaseClock:
+    """Times phases (synchronizing the device at each end) and reports their start and end."""
+
+    def __init__(self, device: torch.device, on_phase: OnPhase | None):
+        self.device = device
+        self.on_phase = on_phase
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def run(self, phase: Phase) -> Iterator[None]:
+        if self.on_phase is not None:
+            self.on_phase(phase, "start", None)
+        started = time.perf_counter()
+        yield  # an exception here propagates: a failed phase has no end
+        _sync(self.device)
+        self.ms[phase] = (time.perf_counter() - started) * 1000.0
+        if self.on_phase is not None:
+            self.on_phase(phase, "end", self.ms[phase])

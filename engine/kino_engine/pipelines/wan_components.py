@@ -1,0 +1,164 @@
+"""The components of a Wan 2.1 T2V model, from a checkpoint folder or built with random weights.
+
+Both paths give a `WanComponents`: the diffusers/transformers model objects (kino uses their classes
+and formats, never copies of them), the tokenizer, and the scheduler's class and config (the loop
+makes a fresh scheduler per job). Precision policy: transformer and text encoder in the requested
+dtype, the VAE in float32 (as diffusers' Wan examples run it), fp32-only modules as the classes
+declare. `on_progress(component, loaded_bytes, total_bytes)` is called after each component.
+
+Failures: BAD_CHECKPOINT (via checkpoint.inspect_checkpoint, before anything loads; or a component
+that fails to load), BAD_REQUEST naming the architecture field whose config does not build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import diffusers
+import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
+
+from ..checkpoint import WanCheckpoint
+from ..protocol import EngineFailure, WanArchitecture
+from ..random_weights import build_random, size_on_meta
+from ..runtime.memory import module_bytes
+from ..synthetic_tokenizer import synthetic_t5_tokenizer
+
+VAE_DTYPE = torch.float32
+TEXT_ENCODER_MAX_LENGTH = 512
+
+OnProgress = Callable[[str, int, int], None]
+
+
+@dataclass
+class WanComponents:
+    transformer: WanTransformer3DModel
+    vae: AutoencoderKLWan
+    text_encoder: UMT5EncoderModel
+    tokenizer: PreTrainedTokenizerBase
+    scheduler_class: type[SchedulerMixin]
+    scheduler_config: Mapping[str, Any]
+
+
+def resolve_scheduler_class(name: str) -> type[SchedulerMixin] | None:
+    """The diffusers scheduler class called `name`, or None if there is none."""
+    candidate = getattr(diffusers, name, None)
+    if isinstance(candidate, type) and issubclass(candidate, SchedulerMixin):
+        return candidate
+    return None
+
+
+def _ready(module: torch.nn.Module) -> torch.nn.Module:
+    return module.eval().requires_grad_(False)
+
+
+def load_checkpoint_components(
+    checkpoint: WanCheckpoint, device: torch.device, dtype: torch.dtype, on_progress: OnProgress
+) -> WanComponents:
+    """Load a validated checkpoint (see checkpoint.inspect_checkpoint) onto `device`."""
+    scheduler_class = resolve_scheduler_class(checkpoint.scheduler_class_name)
+    if scheduler_class is None:
+        raise EngineFailure(
+            "BAD_CHECKPOINT",
+            f"{checkpoint.root}/scheduler/scheduler_config.json names {checkpoint.scheduler_class_name!r}, "
+            f"which is not a scheduler of diffusers {diffusers.__version__}",
+            phase="load",
+            field="model.source.path",
+        )
+    total = checkpoint.weight_bytes
+    done = 0
+
+    def loaded(name: str, size: int) -> None:
+        nonlocal done
+        done += size
+        on_progress(name, done, total)
+
+    # The weights go through host memory once (from_pretrained), then to the device.
+    text_encoder = _ready(
+        UMT5EncoderModel.from_pretrained(checkpoint.text_encoder.folder, dtype=dtype).to(device)
+    )
+    loaded("text_encoder", checkpoint.text_encoder.weight_bytes)
+    transformer = _ready(
+        WanTransformer3DModel.from_pretrained(checkpoint.transformer.folder, torch_dtype=dtype).to(device)
+    )
+    loaded("transformer", checkpoint.transformer.weight_bytes)
+    vae = _ready(AutoencoderKLWan.from_pretrained(checkpoint.vae.folder, torch_dtype=VAE_DTYPE).to(device))
+    loaded("vae", checkpoint.vae.weight_bytes)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.tokenizer_folder)
+    loaded("tokenizer", 0)
+    return WanComponents(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_class=scheduler_class,
+        scheduler_config=dict(checkpoint.scheduler_config),
+    )
+
+
+def _maker(field: str, make: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    """`make`, with a config that does not build reported as BAD_REQUEST naming `field`."""
+
+    def checked() -> torch.nn.Module:
+        try:
+            return make()
+        except (TypeError, ValueError, KeyError, AssertionError) as exc:
+            raise EngineFailure(
+                "BAD_REQUEST", f"{field}: the config does not build: {exc}", phase="load", field=field
+            ) from exc
+
+    return checked
+
+
+def build_random_components(
+    arch: WanArchitecture, seed: int, device: torch.device, dtype: torch.dtype, on_progress: OnProgress
+) -> WanComponents:
+    """The architecture's full-size components with random weights ~ N(0, 0.02), built on `device`."""
+    prefix = "model.source.architecture"
+    scheduler_class = resolve_scheduler_class(arch.scheduler.class_name)
+    if scheduler_class is None:
+        raise EngineFailure(
+            "BAD_REQUEST",
+            f"{arch.scheduler.class_name!r} is not a scheduler of diffusers {diffusers.__version__}",
+            phase="load",
+            field=f"{prefix}.scheduler.className",
+        )
+    text_config = _maker(f"{prefix}.textEncoder", lambda: UMT5Config.from_dict(dict(arch.text_encoder)))()
+    if arch.tokenizer_vocab_size > text_config.vocab_size:
+        raise EngineFailure(
+            "BAD_REQUEST",
+            f"tokenizerVocabSize {arch.tokenizer_vocab_size} exceeds the text encoder's vocab_size "
+            f"{text_config.vocab_size}: token ids would index past its embedding",
+            phase="load",
+            field=f"{prefix}.tokenizerVocabSize",
+        )
+    makers: list[tuple[str, Callable[[], torch.nn.Module], torch.dtype]] = [
+        ("text_encoder", _maker(f"{prefix}.textEncoder", lambda: UMT5EncoderModel(text_config)), dtype),
+        (
+            "transformer",
+            _maker(f"{prefix}.transformer", lambda: WanTransformer3DModel.from_config(dict(arch.transformer))),
+            dtype,
+        ),
+        ("vae", _maker(f"{prefix}.vae", lambda: AutoencoderKLWan.from_config(dict(arch.vae))), VAE_DTYPE),
+    ]
+    total = sum(size_on_meta(make, component_dtype) for _, make, component_dtype in makers)
+    built: dict[str, torch.nn.Module] = {}
+    done = 0
+    for index, (name, make, component_dtype) in enumerate(makers):
+        # Each component gets its own stream of random numbers: changing one config leaves the others.
+        built[name] = build_random(make, device=device, dtype=component_dtype, seed=seed + index)
+        done += module_bytes(built[name])
+        on_progress(name, done, total)
+    tokenizer = synthetic_t5_tokenizer(arch.tokenizer_vocab_size, TEXT_ENCODER_MAX_LENGTH)
+    on_progress("tokenizer", done, total)
+    return WanComponents(
+        transformer=built["transformer"],  # type: ignore[arg-type]
+        vae=built["vae"],  # type: ignore[arg-type]
+        text_encoder=built["text_encoder"],  # type: ignore[arg-type]
+        tokenizer=tokenizer,
+        scheduler_class=scheduler_class,
+        scheduler_config=dict(arch.scheduler.config),
+    )

@@ -1,0 +1,519 @@
+"""The engine protocol, Python side: framing, typed requests, messages and the error type.
+
+Contract (mirrors src/protocol/engine.ts, the source of truth; engine.schema.json is its export):
+
+- Framing: one JSON object per line (UTF-8, `\\n`-terminated) in both directions over one
+  bidirectional file descriptor (a unix socketpair the control plane passes as fd 3).
+- Requests are parsed into frozen dataclasses whose `__post_init__` checks every field, so a request
+  built in-process (tests, benchmarks) is held to the same rules as one read from the pipe. A bad
+  request raises `EngineFailure("BAD_REQUEST", ..., field="job.width")` naming the field.
+- Messages sent back are plain dicts with the camelCase field names of the schemas.
+
+This module knows nothing about models, tensors or threads (the Channel's lock aside).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, BinaryIO, Callable, Literal, Mapping, Union
+
+PROTOCOL_VERSION = 1
+
+#: The id used to answer a line that carries no usable request id (unparseable JSON, missing id).
+UNKNOWN_REQUEST_ID = "?"
+
+ERROR_CODES = (
+    "BAD_REQUEST",
+    "UNSUPPORTED_PROTOCOL",
+    "BAD_CHECKPOINT",
+    "MODEL_NOT_LOADED",
+    "DEVICE_UNAVAILABLE",
+    "OOM",
+    "CANCELLED",
+    "OUTPUT_UNWRITABLE",
+    "ENCODER_FAILED",
+    "INTERNAL",
+)
+PHASES = ("load", "text_encode", "denoise", "decode", "encode")
+DEVICES = ("cuda", "cpu")
+DTYPES = ("bfloat16", "float16", "float32")
+ID_MAX_LENGTH = 128
+
+ErrorCode = Literal[
+    "BAD_REQUEST",
+    "UNSUPPORTED_PROTOCOL",
+    "BAD_CHECKPOINT",
+    "MODEL_NOT_LOADED",
+    "DEVICE_UNAVAILABLE",
+    "OOM",
+    "CANCELLED",
+    "OUTPUT_UNWRITABLE",
+    "ENCODER_FAILED",
+    "INTERNAL",
+]
+Phase = Literal["load", "text_encode", "denoise", "decode", "encode"]
+
+
+class EngineFailure(Exception):
+    """A failure with a protocol error code; the worker answers it as an `error` message.
+
+    `phase` is the phase the job was in, `field` the request field at fault (e.g. "job.output.video").
+    """
+
+    def __init__(self, code: ErrorCode, message: str, phase: Phase | None = None, field: str | None = None):
+        if code not in ERROR_CODES:
+            raise ValueError(f"unknown engine error code {code!r}")
+        if phase is not None and phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.phase = phase
+        self.field = field
+
+    def with_field_prefix(self, prefix: str) -> EngineFailure:
+        """The same failure with `field` made absolute under `prefix` ("width" -> "job.width")."""
+        full = prefix if self.field is None else f"{prefix}.{self.field}"
+        return EngineFailure(self.code, self.message, self.phase, full)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "phase": self.phase, "field": self.field}
+
+
+def _bad(field_name: str, message: str) -> EngineFailure:
+    return EngineFailure("BAD_REQUEST", f"{field_name}: {message}", field=field_name)
+
+
+# ---- field checks (used by __post_init__; JSON numbers may arrive as integral floats) ----
+
+
+def _check_str(value: Any, name: str, *, min_length: int = 0, max_length: int | None = None) -> None:
+    if not isinstance(value, str):
+        raise _bad(name, f"expected a string, got {type(value).__name__}")
+    if len(value) < min_length:
+        raise _bad(name, f"must have at least {min_length} character(s)")
+    if max_length is not None and len(value) > max_length:
+        raise _bad(name, f"must have at most {max_length} characters")
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _check_int(value: Any, name: str, *, minimum: int | None = None) -> None:
+    if not _is_int(value):
+        raise _bad(name, f"expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise _bad(name, f"must be >= {minimum}, got {value!r}")
+
+
+def _check_number(value: Any, name: str, *, minimum: float | None = None, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(name, f"expected a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise _bad(name, f"must be >= {minimum}, got {value!r}")
+    if positive and value <= 0:
+        raise _bad(name, f"must be > 0, got {value!r}")
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _bad(name, f"expected one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_config(value: Any, name: str) -> None:
+    if not isinstance(value, Mapping):
+        raise _bad(name, f"expected an object, got {type(value).__name__}")
+
+
+def _frozen_config(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    # A read-only view over a private copy: request objects are immutable once checked.
+    return MappingProxyType(json.loads(json.dumps(dict(value))))
+
+
+# ---- request payload types ----
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """A diffusers-format checkpoint folder (model_index.json, transformer/, vae/, ...)."""
+
+    path: str
+    kind: Literal["checkpoint"] = "checkpoint"
+
+    def __post_init__(self) -> None:
+        _check_str(self.path, "path", min_length=1)
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """A diffusers scheduler by class name, with its config dict."""
+
+    class_name: str
+    config: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        _check_str(self.class_name, "className", min_length=1)
+        _check_config(self.config, "config")
+        object.__setattr__(self, "config", _frozen_config(self.config))
+
+
+@dataclass(frozen=True)
+class WanArchitecture:
+    """A Wan 2.1 T2V architecture: the config dicts of each component (diffusers/transformers)."""
+
+    transformer: Mapping[str, Any]
+    vae: Mapping[str, Any]
+    text_encoder: Mapping[str, Any]
+    scheduler: SchedulerSpec
+    #: Vocabulary size of the synthetic tokenizer built for random-weight runs.
+    tokenizer_vocab_size: int
+    family: Literal["wan2.1-t2v"] = "wan2.1-t2v"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.family, "family", ("wan2.1-t2v",))
+        for name, value in (("transformer", self.transformer), ("vae", self.vae), ("textEncoder", self.text_encoder)):
+            _check_config(value, name)
+        object.__setattr__(self, "transformer", _frozen_config(self.transformer))
+        object.__setattr__(self, "vae", _frozen_config(self.vae))
+        object.__setattr__(self, "text_encoder", _frozen_config(self.text_encoder))
+        if not isinstance(self.scheduler, SchedulerSpec):
+            raise _bad("scheduler", "expected a SchedulerSpec")
+        _check_int(self.tokenizer_vocab_size, "tokenizerVocabSize", minimum=1)
+
+
+@dataclass(frozen=True)
+class RandomSource:
+    """A full architecture built with random weights ~ N(0, 0.02), seeded."""
+
+    architecture: WanArchitecture
+    seed: int
+    kind: Literal["random"] = "random"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.architecture, WanArchitecture):
+            raise _bad("architecture", "expected a WanArchitecture")
+        _check_int(self.seed, "seed", minimum=0)
+
+
+ModelSource = Union[CheckpointSource, RandomSource]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `load` builds: a display name, where the weights come from, device and precision."""
+
+    name: str
+    source: ModelSource
+    device: Literal["cuda", "cpu"]
+    dtype: Literal["bfloat16", "float16", "float32"]
+
+    def __post_init__(self) -> None:
+        _check_str(self.name, "name", min_length=1)
+        if not isinstance(self.source, (CheckpointSource, RandomSource)):
+            raise _bad("source", "expected a CheckpointSource or a RandomSource")
+        _check_choice(self.device, "device", DEVICES)
+        _check_choice(self.dtype, "dtype", DTYPES)
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """Where the job's frames go: an MP4 path and/or a PNG folder; None for none."""
+
+    video: str | None
+    frames_dir: str | None
+
+    def __post_init__(self) -> None:
+        if self.video is not None:
+            _check_str(self.video, "video", min_length=1)
+        if self.frames_dir is not None:
+            _check_str(self.frames_dir, "framesDir", min_length=1)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One text-to-video generation."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    frames: int
+    steps: int
+    #: Classifier-free guidance scale; > 1 runs the negative prompt too.
+    guidance: float
+    #: Flow shift; None keeps the checkpoint scheduler's own.
+    shift: float | None
+    seed: int
+    #: Frames per second of the video; None takes the model's.
+    fps: float | None
+    output: JobOutput = field(default_factory=lambda: JobOutput(None, None))
+
+    def __post_init__(self) -> None:
+        _check_str(self.prompt, "prompt")
+        _check_str(self.negative_prompt, "negativePrompt")
+        for name, value in (("width", self.width), ("height", self.height), ("frames", self.frames), ("steps", self.steps)):
+            _check_int(value, name, minimum=1)
+        _check_number(self.guidance, "guidance", minimum=0)
+        if self.shift is not None:
+            _check_number(self.shift, "shift", positive=True)
+        _check_int(self.seed, "seed", minimum=0)
+        if self.fps is not None:
+            _check_number(self.fps, "fps", positive=True)
+        if not isinstance(self.output, JobOutput):
+            raise _bad("output", "expected a JobOutput")
+        for name in ("width", "height", "frames", "steps", "seed"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "guidance", float(self.guidance))
+        for name in ("shift", "fps"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+
+
+# ---- requests ----
+
+
+@dataclass(frozen=True)
+class HelloRequest:
+    id: str
+    protocol: int
+    type: Literal["hello"] = "hello"
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    id: str
+    model: ModelSpec
+    type: Literal["load"] = "load"
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    id: str
+    job: JobSpec
+    type: Literal["generate"] = "generate"
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    id: str
+    #: The id of the generate request to cancel.
+    target: str
+    type: Literal["cancel"] = "cancel"
+
+
+@dataclass(frozen=True)
+class ShutdownRequest:
+    id: str
+    type: Literal["shutdown"] = "shutdown"
+
+
+Request = Union[HelloRequest, LoadRequest, GenerateRequest, CancelRequest, ShutdownRequest]
+
+
+# ---- parsing JSON objects into requests ----
+
+
+def _get(obj: Mapping[str, Any], key: str, path: str, *, optional: bool = False) -> Any:
+    if key in obj:
+        return obj[key]
+    if optional:
+        return None
+    raise _bad(f"{path}.{key}" if path else key, "is required")
+
+
+def _object(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _bad(path, f"expected an object, got {type(value).__name__}")
+    return value
+
+
+def _build(path: str, make: Callable[[], Any]) -> Any:
+    """Run a dataclass constructor, making the field of any BAD_REQUEST absolute under `path`."""
+    try:
+        return make()
+    except EngineFailure as failure:
+        raise failure.with_field_prefix(path) from None
+
+
+def parse_model_spec(value: Any, path: str = "model") -> ModelSpec:
+    obj = _object(value, path)
+    source_obj = _object(_get(obj, "source", path), f"{path}.source")
+    source_path = f"{path}.source"
+    kind = _get(source_obj, "kind", source_path)
+    source: ModelSource
+    if kind == "checkpoint":
+        source = _build(source_path, lambda: CheckpointSource(path=_get(source_obj, "path", source_path)))
+    elif kind == "random":
+        arch_path = f"{source_path}.architecture"
+        arch = _object(_get(source_obj, "architecture", source_path), arch_path)
+        sched = _object(_get(arch, "scheduler", arch_path), f"{arch_path}.scheduler")
+        scheduler = _build(
+            f"{arch_path}.scheduler",
+            lambda: SchedulerSpec(
+                class_name=_get(sched, "className", f"{arch_path}.scheduler"),
+                config=_get(sched, "config", f"{arch_path}.scheduler"),
+            ),
+        )
+        architecture = _build(
+            arch_path,
+            lambda: WanArchitecture(
+                family=_get(arch, "family", arch_path),
+                transformer=_get(arch, "transformer", arch_path),
+                vae=_get(arch, "vae", arch_path),
+                text_encoder=_get(arch, "textEncoder", arch_path),
+                scheduler=scheduler,
+                tokenizer_vocab_size=_get(arch, "tokenizerVocabSize", arch_path),
+            ),
+        )
+        source = _build(source_path, lambda: RandomSource(architecture, seed=_get(source_obj, "seed", source_path)))
+    else:
+        raise _bad(f"{source_path}.kind", f"expected 'checkpoint' or 'random', got {kind!r}")
+    return _build(
+        path,
+        lambda: ModelSpec(
+            name=_get(obj, "name", path), source=source, device=_get(obj, "device", path), dtype=_get(obj, "dtype", path)
+        ),
+    )
+
+
+def parse_job_spec(value: Any, path: str = "job") -> JobSpec:
+    obj = _object(value, path)
+    out = _object(_get(obj, "output", path), f"{path}.output")
+    output = _build(
+        f"{path}.output",
+        lambda: JobOutput(video=_get(out, "video", f"{path}.output"), frames_dir=_get(out, "framesDir", f"{path}.output")),
+    )
+    names = {
+        "prompt": "prompt",
+        "negative_prompt": "negativePrompt",
+        "width": "width",
+        "height": "height",
+        "frames": "frames",
+        "steps": "steps",
+        "guidance": "guidance",
+        "shift": "shift",
+        "seed": "seed",
+        "fps": "fps",
+    }
+    return _build(path, lambda: JobSpec(**{attr: _get(obj, key, path) for attr, key in names.items()}, output=output))
+
+
+def parse_request(obj: Any) -> Request:
+    """A typed request from a decoded JSON object; raises EngineFailure(BAD_REQUEST) naming the field."""
+    obj = _object(obj, "request")
+    request_id = request_id_of(obj)
+    if request_id is None:
+        raise _bad("id", f"expected a string of 1 to {ID_MAX_LENGTH} characters")
+    kind = obj.get("type")
+    if kind == "hello":
+        protocol = _get(obj, "protocol", "")
+        _check_int(protocol, "protocol")
+        return HelloRequest(id=request_id, protocol=int(protocol))
+    if kind == "load":
+        return LoadRequest(id=request_id, model=parse_model_spec(_get(obj, "model", "")))
+    if kind == "generate":
+        return GenerateRequest(id=request_id, job=parse_job_spec(_get(obj, "job", "")))
+    if kind == "cancel":
+        target = _get(obj, "target", "")
+        _check_str(target, "target", min_length=1, max_length=ID_MAX_LENGTH)
+        return CancelRequest(id=request_id, target=target)
+    if kind == "shutdown":
+        return ShutdownRequest(id=request_id)
+    raise _bad("type", f"unknown request type {kind!r} (expected hello, load, generate, cancel or shutdown)")
+
+
+def request_id_of(obj: Any) -> str | None:
+    """The request's id if it has a valid one, else None (used to answer malformed requests)."""
+    if not isinstance(obj, Mapping):
+        return None
+    value = obj.get("id")
+    if isinstance(value, str) and 1 <= len(value) <= ID_MAX_LENGTH:
+        return value
+    return None
+
+
+# ---- messages (engine -> control plane) ----
+
+
+def result_message(request_id: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    return {"type": "result", "id": request_id, "result": dict(result)}
+
+
+def error_message(request_id: str, failure: EngineFailure) -> dict[str, Any]:
+    return {"type": "error", "id": request_id, "error": failure.to_json()}
+
+
+def event_message(request_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
+    return {"type": "event", "id": request_id, "event": dict(event)}
+
+
+def phase_event(phase: Phase, state: Literal["start", "end"], ms: float | None = None) -> dict[str, Any]:
+    return {"kind": "phase", "phase": phase, "state": state, "ms": ms}
+
+
+def step_event(i: int, n: int, ms: float, vram_bytes: int | None, ram_bytes: int) -> dict[str, Any]:
+    """`i` is the 1-based index of the step just finished, of `n`."""
+    return {"kind": "step", "i": i, "n": n, "ms": ms, "vramBytes": vram_bytes, "ramBytes": ram_bytes}
+
+
+def load_event(component: str, loaded_bytes: int, total_bytes: int) -> dict[str, Any]:
+    return {"kind": "load", "component": component, "bytes": loaded_bytes, "totalBytes": total_bytes}
+
+
+def log_event(level: Literal["debug", "info", "warn"], message: str) -> dict[str, Any]:
+    return {"kind": "log", "level": level, "message": message}
+
+
+#: Callback through which the engine streams events of the request being served.
+Emit = Callable[[Mapping[str, Any]], None]
+
+
+# ---- framing ----
+
+
+class Channel:
+    """Newline-delimited JSON over a pair of binary streams; `send` is safe from any thread."""
+
+    def __init__(self, reader: BinaryIO, writer: BinaryIO):
+        self._reader = reader
+        self._writer = writer
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Channel:
+        """A channel over one bidirectional descriptor (a socket from a socketpair, as Node passes)."""
+        reader = open(fd, "rb", buffering=1 << 16, closefd=True)
+        writer = open(os.dup(fd), "wb", buffering=1 << 16, closefd=True)
+        return cls(reader, writer)
+
+    def read_line(self) -> bytes | None:
+        """The next non-empty line, or None at end of stream."""
+        while True:
+            line = self._reader.readline()
+            if not line:
+                return None
+            if line.strip():
+                return line
+
+    def send(self, message: Mapping[str, Any]) -> None:
+        # allow_nan=False: NaN/Infinity are not JSON; a bug that produces them must fail here, loudly.
+        data = (json.dumps(message, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+        with self._lock:
+            self._writer.write(data)
+            self._writer.flush()
+
+
+def decode_line(line: bytes) -> Any:
+    """The JSON value of one line; raises EngineFailure(BAD_REQUEST) if it is not JSON."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EngineFailure("BAD_REQUEST", f"a request line is not valid JSON: {exc}") from None
