@@ -1,8 +1,8 @@
 """`python -m kino_engine.bench`: kino's Wan loop against diffusers' WanPipeline, same components, one run.
 
-Reads a JSON spec on stdin (what `kino bench` builds from the catalog):
+Reads a JSON spec from `--spec FILE` or stdin (what `kino bench` builds from the catalog):
   {"model": ModelSpec, "job": JobSpec without output, "warmupSteps": 2, "generations": 1,
-   "reference": "diffusers" | null}
+   "reference": "diffusers" | null, "provenance": {...}}
 and prints one JSON line last on stdout: {"ok": true, "result": {...}} or {"ok": false, "error": {...}}.
 Progress goes to stderr.
 
@@ -22,6 +22,7 @@ adds the command, the commit and the file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -328,9 +329,16 @@ def _summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kino_engine.bench")
+    parser.add_argument("--spec", help="the spec as a JSON file (default: read it from stdin)")
+    args = parser.parse_args(argv)
     try:
-        spec = json.load(sys.stdin)
+        if args.spec is None:
+            spec = json.load(sys.stdin)
+        else:
+            with open(args.spec, encoding="utf-8") as f:
+                spec = json.load(f)
         result = run(spec)
     except EngineFailure as failure:
         print(json.dumps({"ok": False, "error": failure.to_json()}))

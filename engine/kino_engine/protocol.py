@@ -335,62 +335,52 @@ def _object(value: Any, path: str) -> Mapping[str, Any]:
     return value
 
 
-def _build(path: str, make: Callable[[], Any]) -> Any:
-    """Run a dataclass constructor, making the field of any BAD_REQUEST absolute under `path`."""
+def _build(prefix: str, cls: Callable[..., Any], /, **kwargs: Any) -> Any:
+    """`cls(**kwargs)`, with the field of any BAD_REQUEST from its checks made absolute under `prefix`."""
     try:
-        return make()
+        return cls(**kwargs)
     except EngineFailure as failure:
-        raise failure.with_field_prefix(path) from None
+        raise failure.with_field_prefix(prefix) from None
+
+
+def _fields(obj: Mapping[str, Any], path: str, names: Mapping[str, str]) -> dict[str, Any]:
+    """Attribute name -> value for each required JSON key in `names` (attribute -> JSON key)."""
+    return {attr: _get(obj, key, path) for attr, key in names.items()}
 
 
 def parse_model_spec(value: Any, path: str = "model") -> ModelSpec:
     obj = _object(value, path)
-    source_obj = _object(_get(obj, "source", path), f"{path}.source")
     source_path = f"{path}.source"
+    source_obj = _object(_get(obj, "source", path), source_path)
     kind = _get(source_obj, "kind", source_path)
     source: ModelSource
     if kind == "checkpoint":
-        source = _build(source_path, lambda: CheckpointSource(path=_get(source_obj, "path", source_path)))
+        source = _build(source_path, CheckpointSource, path=_get(source_obj, "path", source_path))
     elif kind == "random":
         arch_path = f"{source_path}.architecture"
         arch = _object(_get(source_obj, "architecture", source_path), arch_path)
-        sched = _object(_get(arch, "scheduler", arch_path), f"{arch_path}.scheduler")
-        scheduler = _build(
-            f"{arch_path}.scheduler",
-            lambda: SchedulerSpec(
-                class_name=_get(sched, "className", f"{arch_path}.scheduler"),
-                config=_get(sched, "config", f"{arch_path}.scheduler"),
-            ),
-        )
-        architecture = _build(
-            arch_path,
-            lambda: WanArchitecture(
-                family=_get(arch, "family", arch_path),
-                transformer=_get(arch, "transformer", arch_path),
-                vae=_get(arch, "vae", arch_path),
-                text_encoder=_get(arch, "textEncoder", arch_path),
-                scheduler=scheduler,
-                tokenizer_vocab_size=_get(arch, "tokenizerVocabSize", arch_path),
-            ),
-        )
-        source = _build(source_path, lambda: RandomSource(architecture, seed=_get(source_obj, "seed", source_path)))
+        sched_path = f"{arch_path}.scheduler"
+        sched = _object(_get(arch, "scheduler", arch_path), sched_path)
+        scheduler = _build(sched_path, SchedulerSpec, **_fields(sched, sched_path, {"class_name": "className", "config": "config"}))
+        names = {
+            "family": "family",
+            "transformer": "transformer",
+            "vae": "vae",
+            "text_encoder": "textEncoder",
+            "tokenizer_vocab_size": "tokenizerVocabSize",
+        }
+        architecture = _build(arch_path, WanArchitecture, scheduler=scheduler, **_fields(arch, arch_path, names))
+        source = _build(source_path, RandomSource, architecture=architecture, seed=_get(source_obj, "seed", source_path))
     else:
         raise _bad(f"{source_path}.kind", f"expected 'checkpoint' or 'random', got {kind!r}")
-    return _build(
-        path,
-        lambda: ModelSpec(
-            name=_get(obj, "name", path), source=source, device=_get(obj, "device", path), dtype=_get(obj, "dtype", path)
-        ),
-    )
+    return _build(path, ModelSpec, source=source, **_fields(obj, path, {"name": "name", "device": "device", "dtype": "dtype"}))
 
 
 def parse_job_spec(value: Any, path: str = "job") -> JobSpec:
     obj = _object(value, path)
-    out = _object(_get(obj, "output", path), f"{path}.output")
-    output = _build(
-        f"{path}.output",
-        lambda: JobOutput(video=_get(out, "video", f"{path}.output"), frames_dir=_get(out, "framesDir", f"{path}.output")),
-    )
+    out_path = f"{path}.output"
+    out = _object(_get(obj, "output", path), out_path)
+    output = _build(out_path, JobOutput, **_fields(out, out_path, {"video": "video", "frames_dir": "framesDir"}))
     names = {
         "prompt": "prompt",
         "negative_prompt": "negativePrompt",
@@ -403,7 +393,7 @@ def parse_job_spec(value: Any, path: str = "job") -> JobSpec:
         "seed": "seed",
         "fps": "fps",
     }
-    return _build(path, lambda: JobSpec(**{attr: _get(obj, key, path) for attr, key in names.items()}, output=output))
+    return _build(path, JobSpec, output=output, **_fields(obj, path, names))
 
 
 def parse_request(obj: Any) -> Request:

@@ -96,11 +96,15 @@ class Worker:
                 line = self.channel.read_line()
                 if line is None:
                     break
-                self._accept(line)
+                try:
+                    self._accept(line)
+                except Exception:  # never let the reader die: the main thread would wait forever
+                    log.exception("handling a request line failed")
         except OSError as exc:
             log.warning("reading the protocol descriptor failed: %s", exc)
-        self._stop_everything()
-        self._queue.put(_EOF)
+        finally:
+            self._stop_everything()
+            self._queue.put(_EOF)
 
     def _accept(self, line: bytes) -> None:
         obj: Any = None
@@ -109,6 +113,11 @@ class Worker:
             request = parse_request(obj)
         except EngineFailure as failure:
             log.warning("bad request: %s", failure.message)
+            self._send(error_message(request_id_of(obj) or UNKNOWN_REQUEST_ID, failure))
+            return
+        except Exception as exc:  # a bug in parsing: answer INTERNAL under the request's id
+            log.exception("parsing a request failed")
+            failure = EngineFailure("INTERNAL", f"parsing the request failed: {type(exc).__name__}: {exc}")
             self._send(error_message(request_id_of(obj) or UNKNOWN_REQUEST_ID, failure))
             return
         if isinstance(request, CancelRequest):

@@ -51,6 +51,20 @@ def resolve_scheduler_class(name: str) -> type[SchedulerMixin] | None:
     return None
 
 
+def json_numbers_as_config(config_class: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with integers turned into floats where the config class defaults to a float.
+
+    A config that crossed JSON from JavaScript has lost the difference between 1.0 and 1, and
+    transformers' config classes validate field types strictly.
+    """
+    defaults = config_class()
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, int) and not isinstance(value, bool) and isinstance(getattr(defaults, key, None), float):
+            out[key] = float(value)
+    return out
+
+
 def _ready(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
@@ -82,10 +96,10 @@ def load_checkpoint_components(
     )
     loaded("text_encoder", checkpoint.text_encoder.weight_bytes)
     transformer = _ready(
-        WanTransformer3DModel.from_pretrained(checkpoint.transformer.folder, torch_dtype=dtype).to(device)
+        WanTransformer3DModel.from_pretrained(checkpoint.transformer.folder, dtype=dtype).to(device)
     )
     loaded("transformer", checkpoint.transformer.weight_bytes)
-    vae = _ready(AutoencoderKLWan.from_pretrained(checkpoint.vae.folder, torch_dtype=VAE_DTYPE).to(device))
+    vae = _ready(AutoencoderKLWan.from_pretrained(checkpoint.vae.folder, dtype=VAE_DTYPE).to(device))
     loaded("vae", checkpoint.vae.weight_bytes)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.tokenizer_folder)
     loaded("tokenizer", 0)
@@ -126,7 +140,7 @@ def build_random_components(
             phase="load",
             field=f"{prefix}.scheduler.className",
         )
-    text_config = _maker(f"{prefix}.textEncoder", lambda: UMT5Config.from_dict(dict(arch.text_encoder)))()
+    text_config = _maker(f"{prefix}.textEncoder", lambda: UMT5Config.from_dict(json_numbers_as_config(UMT5Config, arch.text_encoder)))()
     if arch.tokenizer_vocab_size > text_config.vocab_size:
         raise EngineFailure(
             "BAD_REQUEST",
