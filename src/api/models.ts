@@ -2,7 +2,7 @@
  * The model commands' API: what the catalog holds and what is on disk, making kino's tiny model,
  * and downloading a catalog model into kino's home.
  */
-import { readdir, rename, stat } from "node:fs/promises";
+import { mkdir } from "node:fs/promises";
 import { resolve } from "node:path";
 import type { KinoConfig } from "../config/config.ts";
 import { CATALOG, catalogIds, findCatalogModel, TINY_ID } from "../catalog/models.ts";
@@ -43,8 +43,8 @@ export interface ModelTools {
 }
 
 /**
- * Makes kino's tiny checkpoint in `dir` (which must not exist, or be empty).
- * @throws KinoError INVALID_ARGUMENT naming the folder otherwise.
+ * Makes kino's tiny checkpoint in `dir`: a new or empty folder, or an earlier tiny checkpoint, which
+ * is replaced (the tool refuses anything else with OUTPUT_UNWRITABLE).
  */
 export async function makeTinyModel(
   dir: string,
@@ -53,10 +53,6 @@ export async function makeTinyModel(
   options: ToolOptions = {},
 ): Promise<{ path: string; answer: Record<string, unknown> }> {
   const path = resolve(deps.cwd, dir);
-  const st = await stat(path).catch(() => null);
-  if (st !== null && (!st.isDirectory() || (await readdir(path)).length > 0)) {
-    throw new KinoError("INVALID_ARGUMENT", `${path} exists and is not an empty folder; give a new folder`, { field: "dir" });
-  }
   if (seed !== undefined && !(Number.isInteger(seed) && seed >= 0)) {
     throw new KinoError("INVALID_ARGUMENT", `must be a whole number ≥ 0; got ${seed}`, { field: "seed" });
   }
@@ -64,8 +60,9 @@ export async function makeTinyModel(
 }
 
 /**
- * Downloads a catalog model into <home>/models/<id>. It downloads into a fixed side folder that a
- * later pull resumes, and renames it into place once complete, so a half-done pull never looks present.
+ * Downloads a catalog model into <home>/models/<id>. The engine's pull tool downloads into a side
+ * folder (<id>.partial, which a later pull resumes) and renames it into place once it is complete and
+ * checked, so a half-done pull never looks present.
  * @throws KinoError UNKNOWN_MODEL, INVALID_ARGUMENT (tiny is made, not pulled)
  */
 export async function pullModel(
@@ -84,8 +81,7 @@ export async function pullModel(
     });
   }
   if (await isModelPresent(deps.config.modelsDir, id)) return { id, path, alreadyPresent: true };
-  const partial = `${path}.partial`;
-  await deps.tools.pull(model.hubRepo, partial, options);
-  await rename(partial, path);
+  await mkdir(deps.config.modelsDir, { recursive: true });
+  await deps.tools.pull(model.hubRepo, path, options);
   return { id, path, alreadyPresent: false };
 }

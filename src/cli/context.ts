@@ -18,6 +18,8 @@ export interface CliIO {
 }
 
 export interface CliContext {
+  /** The command line being run, without node and the script (for provenance in reports). */
+  readonly argv: readonly string[];
   readonly io: CliIO;
   readonly config: KinoConfig;
   readonly cwd: string;

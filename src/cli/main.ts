@@ -62,6 +62,7 @@ export function processContext(argv: readonly string[], signal: AbortSignal): Cl
   const debug = argv.includes("--debug");
   const logger = createLogger((line) => process.stderr.write(line), debug ? "debug" : "warn");
   return {
+    argv,
     io: {
       stdout: (text) => void process.stdout.write(text),
       stderr: (text) => void process.stderr.write(text),

@@ -288,15 +288,10 @@ export class SubprocessEngine implements EngineClient {
   #onExit(code: number | null, signal: NodeJS.Signals | null): void {
     this.#disarmStallTimer();
     const during = [...new Set([...this.#pending.values()].map((p) => p.type))].filter((t) => t !== "shutdown");
-    const how =
-      signal !== null
-        ? `was killed by ${signal}${signal === "SIGKILL" ? " (the kernel's out-of-memory killer sends SIGKILL too)" : ""}`
-        : `exited with code ${code}`;
-    this.#fail(
-      new KinoError("ENGINE_CRASHED", `the engine process ${how}${during.length ? ` during ${during.join(", ")}` : ""}`, {
-        stderrTail: this.#stderr.text(),
-      }),
-    );
+    const how = signal !== null ? `was killed by ${signal}` : `exited with code ${code}`;
+    const when = during.length > 0 ? ` during ${during.join(", ")}` : "";
+    const why = signal === "SIGKILL" ? " (the kernel's out-of-memory killer sends SIGKILL too)" : "";
+    this.#fail(new KinoError("ENGINE_CRASHED", `the engine process ${how}${when}${why}`, { stderrTail: this.#stderr.text() }));
   }
 
   /** Marks the worker unusable (the first reason wins) and fails every pending request with the reason. */
@@ -329,7 +324,7 @@ export class SubprocessEngine implements EngineClient {
       this.#fail(
         new KinoError(
           "ENGINE_STALLED",
-          `the engine sent nothing for ${Math.round(this.#stallTimeoutMs / 1000)} s during ${during}; it was stopped`,
+          `the engine sent nothing for ${seconds(this.#stallTimeoutMs)} during ${during}; it was stopped`,
           { stderrTail: this.#stderr.text() },
         ),
       );
@@ -360,6 +355,10 @@ function issues(error: { issues: readonly { path: readonly PropertyKey[]; messag
     .slice(0, 3)
     .map((i) => `${i.path.map(String).join(".") || "message"}: ${i.message}`)
     .join("; ");
+}
+
+function seconds(ms: number): string {
+  return `${(ms / 1000).toFixed(ms < 10_000 ? 1 : 0)} s`;
 }
 
 function delay(ms: number): Promise<void> {

@@ -1,7 +1,8 @@
 /**
- * The engine's one-shot tools (`python -m kino_engine.tools …`): make-tiny builds kino's tiny
- * random-weight checkpoint, pull downloads a hub checkpoint. Each prints its answer as JSON on the
- * last line of stdout: {"ok": true, …} or {"ok": false, "error": {"code", "message"}}.
+ * The engine's one-shot tools (`python -m kino_engine.tools …`, and any module speaking the same
+ * convention, such as kino_engine.bench): make-tiny builds kino's tiny random-weight checkpoint,
+ * pull downloads a hub checkpoint. Each prints its answer as JSON on the last line of stdout:
+ * {"ok": true, …} or {"ok": false, "error": {"code", "message"}} (exit status 1).
  */
 import { spawn } from "node:child_process";
 import { z } from "zod";
@@ -17,6 +18,8 @@ const ToolAnswer = z.discriminatedUnion("ok", [
 ]);
 
 export interface ToolOptions {
+  /** The Python module to run. @default "kino_engine.tools" */
+  module?: string;
   signal?: AbortSignal;
   logger?: Logger;
   /** Called with each line the tool writes to stderr (progress of a download, for instance). */
@@ -33,8 +36,9 @@ export async function runEngineTool(
   options: ToolOptions = {},
 ): Promise<Record<string, unknown>> {
   const logger = options.logger ?? silentLogger;
-  const { command, args: argv, env } = await pythonModuleCommand(config, "kino_engine.tools", args);
-  const what = `kino_engine.tools ${args[0] ?? ""}`.trim();
+  const module = options.module ?? "kino_engine.tools";
+  const { command, args: argv, env } = await pythonModuleCommand(config, module, args);
+  const what = `${module} ${args[0] ?? ""}`.trim();
   const stdout = new OutputTail(16, 64 * 1024);
   const stderr = new OutputTail();
   const child = spawn(command, argv, { env, stdio: ["ignore", "pipe", "pipe"], detached: true });
