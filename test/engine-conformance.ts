@@ -1,0 +1,216 @@
+/**
+ * The behaviour every EngineClient shares, as one suite run against each implementation (the
+ * in-process FakeEngine and the Python SubprocessEngine): what the layers above the seam rely on.
+ */
+import assert from "node:assert/strict";
+import { cpSync, existsSync, readdirSync, readFileSync, statSync, truncateSync } from "node:fs";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import type { EngineClient } from "../src/engine/client.ts";
+import { KinoError } from "../src/errors.ts";
+import { probeVideo } from "../src/media/ffprobe.ts";
+import {
+  GenerateResult,
+  HelloResult,
+  LoadResult,
+  PROTOCOL_VERSION,
+  type EngineEvent,
+  type JobSpec,
+  type ModelSpec,
+} from "../src/protocol/engine.ts";
+import { removeDir, tempDir } from "./fixtures/temp.ts";
+
+export interface ConformanceTarget {
+  /** Starts a fresh engine. */
+  start(): Promise<EngineClient>;
+  /** A checkpoint folder the engine loads (left untouched: tests copy it to damage it). */
+  readonly checkpoint: string;
+  /** A job small enough to run in seconds: size, frames, steps. */
+  readonly job: Pick<JobSpec, "width" | "height" | "frames" | "steps">;
+  /** Steps of the job the cancel test interrupts: enough that it cannot finish first. */
+  readonly cancelSteps: number;
+  cleanup(): Promise<void>;
+}
+
+/** Asserts that `promise` rejects with a KinoError of `code`; returns the error for more checks. */
+export async function rejectsWith(promise: Promise<unknown>, code: string): Promise<KinoError> {
+  try {
+    await promise;
+  } catch (err) {
+    assert.ok(err instanceof KinoError, `expected a KinoError ${code}, got ${String(err)}`);
+    assert.equal(err.code, code, `expected ${code}, got ${err.code}: ${err.message}`);
+    return err;
+  }
+  assert.fail(`expected a rejection with ${code}, but it resolved`);
+}
+
+/** Checks the event stream of one generate: phases in order as start/end pairs, steps 1..n inside denoise. */
+export function assertGenerateEvents(events: readonly EngineEvent[], steps: number): void {
+  const phases = events.filter((e) => e.kind === "phase").map((e) => `${e.phase}:${e.state}`);
+  assert.deepEqual(
+    phases,
+    ["text_encode:start", "text_encode:end", "denoise:start", "denoise:end", "decode:start", "decode:end", "encode:start", "encode:end"],
+    "phase events must come as start/end pairs in pipeline order",
+  );
+  for (const e of events) if (e.kind === "phase" && e.state === "end") assert.ok(e.ms !== null && e.ms >= 0, `phase ${e.phase} end carries its duration`);
+  const denoiseStart = events.findIndex((e) => e.kind === "phase" && e.phase === "denoise" && e.state === "start");
+  const denoiseEnd = events.findIndex((e) => e.kind === "phase" && e.phase === "denoise" && e.state === "end");
+  const stepIdx = events.flatMap((e, idx) => (e.kind === "step" ? [idx] : []));
+  const stepEvents = events.filter((e) => e.kind === "step");
+  assert.deepEqual(
+    stepEvents.map((e) => e.i),
+    Array.from({ length: steps }, (_, k) => k + 1),
+    "one step event per step, numbered 1..n",
+  );
+  for (const e of stepEvents) assert.equal(e.n, steps);
+  assert.ok(stepIdx.every((idx) => idx > denoiseStart && idx < denoiseEnd), "step events come between denoise start and end");
+}
+
+/** Width and height from a PNG's IHDR chunk. */
+function pngSize(file: string): { width: number; height: number } {
+  const bytes = readFileSync(file);
+  assert.equal(bytes.toString("latin1", 1, 4), "PNG", `${file} is a PNG`);
+  return { width: bytes.readUInt32BE(16), height: bytes.readUInt32BE(20) };
+}
+
+export function engineConformance(name: string, makeTarget: () => Promise<ConformanceTarget>): void {
+  describe(`EngineClient conformance: ${name}`, { timeout: 180_000 }, () => {
+    let target: ConformanceTarget;
+    let engine: EngineClient;
+    let scratch: string;
+    const model = (path: string): ModelSpec => ({ name: "conformance", source: { kind: "checkpoint", path }, device: "cpu", dtype: "float32" });
+    const job = (out: string, over: Partial<JobSpec> = {}): JobSpec => ({
+      prompt: "a red fox running through snow",
+      negativePrompt: "",
+      ...target.job,
+      guidance: 5,
+      shift: null,
+      seed: 7,
+      fps: null,
+      output: { video: out, framesDir: null },
+      ...over,
+    });
+
+    before(async () => {
+      target = await makeTarget();
+      engine = await target.start();
+      scratch = tempDir("kino-conformance-");
+    });
+    after(async () => {
+      await engine?.close();
+      await target?.cleanup();
+      if (scratch) removeDir(scratch);
+    });
+
+    test("hello reports our protocol version, versions, devices and an H.264 encoder", async () => {
+      const hello = await engine.hello();
+      HelloResult.parse(hello);
+      assert.equal(hello.protocol, PROTOCOL_VERSION);
+      assert.equal(hello.encoder.h264, true, "the engine must be able to write H.264");
+      assert.ok(hello.hostRamBytes > 0);
+    });
+
+    test("generate before load answers MODEL_NOT_LOADED", async () => {
+      await rejectsWith(engine.generate(job(join(scratch, "early.mp4"))), "MODEL_NOT_LOADED");
+      assert.equal(existsSync(join(scratch, "early.mp4")), false);
+    });
+
+    test("a folder without model_index.json answers BAD_CHECKPOINT", async () => {
+      const empty = tempDir("kino-empty-ckpt-");
+      try {
+        await rejectsWith(engine.load(model(empty)), "BAD_CHECKPOINT");
+      } finally {
+        removeDir(empty);
+      }
+    });
+
+    test("a truncated safetensors file answers BAD_CHECKPOINT naming the file", async () => {
+      const broken = join(scratch, "broken-ckpt");
+      cpSync(target.checkpoint, broken, { recursive: true });
+      const dir = join(broken, "transformer");
+      const file = readdirSync(dir).find((f) => f.endsWith(".safetensors"));
+      assert.ok(file !== undefined, "the checkpoint has a transformer safetensors file");
+      truncateSync(join(dir, file), Math.floor(statSync(join(dir, file)).size / 2));
+      const err = await rejectsWith(engine.load(model(broken)), "BAD_CHECKPOINT");
+      assert.match(err.message, new RegExp(file.replace(".", "\\.")), "the message names the broken file");
+      removeDir(broken);
+    });
+
+    test("load, then generate: events in order, a valid result, a real H.264 video", async () => {
+      const loaded = await engine.load(model(target.checkpoint));
+      LoadResult.parse(loaded);
+      assert.equal(loaded.device, "cpu");
+      assert.equal(loaded.dtype, "float32");
+      const events: EngineEvent[] = [];
+      const out = join(scratch, "first.mp4");
+      const result = await engine.generate(job(out), { onEvent: (e) => events.push(e) });
+      GenerateResult.parse(result);
+      assertGenerateEvents(events, target.job.steps);
+      assert.equal(result.output.video, out);
+      assert.equal(result.output.framesDir, null);
+      assert.deepEqual([result.width, result.height, result.frames], [target.job.width, target.job.height, target.job.frames]);
+      assert.equal(result.fps, loaded.fps, "with fps null the video takes the model's rate");
+      const probe = await probeVideo(out);
+      assert.equal(probe.codec, "h264");
+      assert.equal(probe.pixFmt, "yuv420p");
+      assert.deepEqual([probe.width, probe.height, probe.frames], [target.job.width, target.job.height, target.job.frames]);
+      assert.ok(Math.abs(probe.fps - result.fps) < 0.01, `video at ${probe.fps} fps, result says ${result.fps}`);
+      assert.deepEqual(readdirSync(scratch).filter((f) => f.startsWith(".")), [], "no temporary files are left behind");
+    });
+
+    test("frames dir: one PNG per frame at the job's size, and the asked fps", async () => {
+      const frames = join(scratch, "frames");
+      const out = join(scratch, "with-frames.mp4");
+      const result = await engine.generate(job(out, { fps: 8, output: { video: out, framesDir: frames } }));
+      assert.equal(result.output.framesDir, frames);
+      assert.equal(result.fps, 8);
+      const pngs = readdirSync(frames).sort();
+      assert.deepEqual(pngs, Array.from({ length: target.job.frames }, (_, k) => `frame_${String(k).padStart(5, "0")}.png`));
+      assert.deepEqual(pngSize(join(frames, pngs[0]!)), { width: target.job.width, height: target.job.height });
+      assert.equal((await probeVideo(out)).fps, 8);
+    });
+
+    test("an output in a missing folder answers OUTPUT_UNWRITABLE naming the field", async () => {
+      const err = await rejectsWith(engine.generate(job(join(scratch, "no", "such", "dir.mp4"))), "OUTPUT_UNWRITABLE");
+      assert.equal(err.field, "job.output.video");
+    });
+
+    test("cancel mid-job answers CANCELLED, leaves nothing written, and the engine still works", async () => {
+      const out = join(scratch, "cancelled.mp4");
+      const controller = new AbortController();
+      const steps: number[] = [];
+      const err = await rejectsWith(
+        engine.generate(job(out, { steps: target.cancelSteps }), {
+          signal: controller.signal,
+          onEvent: (e) => {
+            if (e.kind === "step") {
+              steps.push(e.i);
+              controller.abort();
+            }
+          },
+        }),
+        "CANCELLED",
+      );
+      assert.ok(steps.length >= 1 && steps.length < target.cancelSteps, `cancelled between steps (saw ${steps.length})`);
+      assert.equal(err.phase, "denoise");
+      assert.equal(existsSync(out), false, "a cancelled job writes no video");
+      const again = join(scratch, "after-cancel.mp4");
+      const result = await engine.generate(job(again));
+      assert.equal((await probeVideo(again)).frames, result.frames);
+    });
+
+    test("an already aborted signal rejects with CANCELLED without running", async () => {
+      const out = join(scratch, "never.mp4");
+      await rejectsWith(engine.generate(job(out), { signal: AbortSignal.abort() }), "CANCELLED");
+      assert.equal(existsSync(out), false);
+    });
+
+    test("close is idempotent and later requests answer ENGINE_CLOSED", async () => {
+      const second = await target.start();
+      await second.hello();
+      await Promise.all([second.close(), second.close()]);
+      await second.close();
+      await rejectsWith(second.hello(), "ENGINE_CLOSED");
+    });
+  });
+}
