@@ -53,10 +53,15 @@ export async function makeTinyModel(
   options: ToolOptions = {},
 ): Promise<{ path: string; answer: Record<string, unknown> }> {
   const path = resolve(deps.cwd, dir);
+  checkTinySeed(seed);
+  return { path, answer: await deps.tools.makeTiny(path, seed, options) };
+}
+
+/** @throws KinoError INVALID_ARGUMENT unless the seed is a whole number ≥ 0. */
+export function checkTinySeed(seed: number | undefined): void {
   if (seed !== undefined && !(Number.isInteger(seed) && seed >= 0)) {
     throw new KinoError("INVALID_ARGUMENT", `must be a whole number ≥ 0; got ${seed}`, { field: "seed" });
   }
-  return { path, answer: await deps.tools.makeTiny(path, seed, options) };
 }
 
 /**

@@ -1,6 +1,6 @@
 /** `kino models list | make-tiny | pull`. */
 import { Command } from "commander";
-import { listModels, makeTinyModel, pullModel } from "../api/models.ts";
+import { checkTinySeed, listModels, makeTinyModel, pullModel } from "../api/models.ts";
 import type { CliContext } from "./context.ts";
 import { integerFlag } from "./flags.ts";
 
@@ -27,8 +27,10 @@ export function modelsCommand(ctx: CliContext): Command {
     .argument("<dir>", "a new or empty folder")
     .option("--seed <n>", "seed of the random weights")
     .action(async (dir: string, flags: { seed?: string }) => {
+      const seed = integerFlag(flags.seed, "seed");
+      checkTinySeed(seed);
       ctx.io.stderr(`kino: making a tiny checkpoint with random weights in ${dir}: whatever it generates is noise (it tests the pipeline)\n`);
-      const { path } = await makeTinyModel(dir, integerFlag(flags.seed, "seed"), { tools: ctx.tools, cwd: ctx.cwd }, { signal: ctx.signal, logger: ctx.logger });
+      const { path } = await makeTinyModel(dir, seed, { tools: ctx.tools, cwd: ctx.cwd }, { signal: ctx.signal, logger: ctx.logger });
       ctx.io.stdout(`${path}\n`);
     });
 
