@@ -76,6 +76,16 @@ for (const [mode, pattern] of [
   });
 }
 
+test("a request the worker could not read (error with id ?) fails what is pending instead of hanging", async () => {
+  const engine = standIn("unreadable");
+  try {
+    const err = await rejectsWith(engine.hello(), "BAD_REQUEST");
+    assert.match(err.message, /line 1 is not JSON/);
+  } finally {
+    await engine.close();
+  }
+});
+
 test("a worker speaking another protocol version is refused with UNSUPPORTED_PROTOCOL", async () => {
   const engine = standIn("wrong-protocol");
   try {

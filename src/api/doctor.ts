@@ -75,7 +75,7 @@ export async function runDoctor(deps: DoctorDeps): Promise<DoctorReport> {
   if (hello !== null) {
     add("engine", "ok", `kino_engine ${hello.engineVersion}, protocol ${hello.protocol}, Python ${hello.python}`);
     add("torch", "ok", `${hello.torch} (diffusers ${hello.diffusers}, transformers ${hello.transformers})`);
-    add("cuda", hello.cuda !== null ? "ok" : "warn", hello.cuda ?? "torch is a CPU-only build", "install a CUDA build of torch (scripts/setup.sh on a machine with a GPU)", false);
+    add("cuda", hello.cuda !== null ? "ok" : "warn", hello.cuda !== null ? `torch built with CUDA ${hello.cuda}` : "torch is a CPU-only build", "install a CUDA build of torch (scripts/setup.sh on a machine with a GPU)", false);
     if (hello.devices.length === 0) {
       add("gpu", "warn", "no CUDA GPU visible: kino runs on the CPU (slow; the tiny model is fine)", "check nvidia-smi and the driver", false);
     }

@@ -32,6 +32,9 @@ import { OutputTail } from "./stderr-tail.ts";
 /** The engine's side of the pipe: the file descriptor the worker reads and writes the protocol on. */
 export const PROTOCOL_FD = 3;
 
+/** The id the worker answers with when a line it read carries no usable request id. */
+const UNREADABLE_REQUEST_ID = "?";
+
 export interface SubprocessEngineOptions {
   /** The worker process; see `workerCommand`. */
   command: ProcessCommand;
@@ -242,6 +245,13 @@ export class SubprocessEngine implements EngineClient {
       return this.#protocolViolation(`a message that fails the protocol schema (${issues(parsed.error)}): ${line.slice(0, 200)}`);
     }
     const message = parsed.data;
+    if (message.type === "error" && message.id === UNREADABLE_REQUEST_ID) {
+      // The worker could not tell which request a line was: nothing pending can be trusted to be answered.
+      this.#desynced = true;
+      this.#fail(KinoError.fromEngine(message.error, this.#stderr.text()));
+      this.#kill();
+      return;
+    }
     const pending = this.#pending.get(message.id);
     if (pending === undefined) {
       this.#logger.warn(`the engine answered ${message.id}, which is not pending; ignored`);
