@@ -16,13 +16,14 @@ import { makeTinyCheckpoint, pullCheckpoint } from "../engine/tools.ts";
 import { toKinoError } from "../errors.ts";
 import { createLogger } from "../log.ts";
 import type { CliContext } from "./context.ts";
+import { benchCommand } from "./bench.ts";
 import { doctorCommand } from "./doctor.ts";
 import { formatError } from "./format.ts";
 import { generateCommand } from "./generate.ts";
 import { modelsCommand } from "./models.ts";
 
 /** Every command, one file each. */
-const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand];
+const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand, benchCommand];
 
 /** Exit status of a command line the parser refused (unknown flag, missing value). */
 const USAGE_EXIT = 2;

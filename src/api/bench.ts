@@ -1,0 +1,218 @@
+/**
+ * `kino bench`: kino's Wan loop against diffusers' WanPipeline on the same components, in one engine
+ * process on one GPU, and the report that records it (GPU, versions, command, commit).
+ *
+ * The control plane decides what to measure (a catalog architecture with random weights, the job,
+ * the warm-ups) and where the record goes; the engine's `kino_engine.bench` tool measures. The two
+ * halves can also run apart: `specOnly` gives the spec to run with
+ * `python -m kino_engine.bench --spec FILE` on a machine without Node, and `fromRaw` records its answer.
+ */
+import { execFile } from "node:child_process";
+import { mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { z } from "zod";
+import { findCatalogModel, catalogIds, WAN21_1_3B_ID } from "../catalog/models.ts";
+import type { KinoConfig } from "../config/config.ts";
+import { runEngineTool, type ToolOptions } from "../engine/tools.ts";
+import { KinoError } from "../errors.ts";
+import { ModelSpec } from "../protocol/engine.ts";
+import { DTYPE_NAMES, parseSize } from "./generate-options.ts";
+
+export const BENCH_PROMPT = "A cat walks on the grass, realistic";
+
+export const BenchOptions = z.object({
+  /** A catalog id with an architecture. @default wan2.1-t2v-1.3b */
+  model: z.string().default(WAN21_1_3B_ID),
+  /** @default the model's (832x480) */
+  size: z.string().optional(),
+  /** @default the model's (81) */
+  frames: z.number().int().positive().optional(),
+  /** @default the model's (50) */
+  steps: z.number().int().positive().optional(),
+  /** @default the model's (5) */
+  guidance: z.number().nonnegative().optional(),
+  /** @default the model's (3) */
+  shift: z.number().positive().optional(),
+  /** @default 42 */
+  seed: z.number().int().nonnegative().default(42),
+  /** @default "A cat walks on the grass, realistic" */
+  prompt: z.string().default(BENCH_PROMPT),
+  /** @default cuda */
+  device: z.enum(["cuda", "cpu"]).default("cuda"),
+  /** @default bf16 */
+  dtype: z.enum(["bf16", "fp16", "fp32"]).default("bf16"),
+  /** Steps of the untimed warm-up generation of each system. @default 2 */
+  warmupSteps: z.number().int().positive().default(2),
+  /** Timed generations of each system (the summary takes medians). @default 1 */
+  generations: z.number().int().positive().default(1),
+  /** Measure diffusers' WanPipeline beside kino. @default true */
+  reference: z.boolean().default(true),
+});
+export type BenchOptions = z.input<typeof BenchOptions>;
+
+/** What the engine's bench tool takes. */
+export const BenchSpec = z.object({
+  model: ModelSpec,
+  job: z.object({
+    prompt: z.string(),
+    negativePrompt: z.string(),
+    width: z.number().int().positive(),
+    height: z.number().int().positive(),
+    frames: z.number().int().positive(),
+    steps: z.number().int().positive(),
+    guidance: z.number().nonnegative(),
+    shift: z.number().positive().nullable(),
+    seed: z.number().int().nonnegative(),
+    fps: z.number().positive().nullable(),
+  }),
+  warmupSteps: z.number().int().positive(),
+  generations: z.number().int().positive(),
+  reference: z.enum(["diffusers"]).nullable(),
+  /** Provenance, carried with the spec so a result measured elsewhere is still attributable. */
+  provenance: z.object({ command: z.string(), commit: z.string().nullable(), dirty: z.boolean().nullable() }),
+});
+export type BenchSpec = z.infer<typeof BenchSpec>;
+
+const Stat = z.looseObject({ n: z.number(), medianS: z.number().optional() });
+const Run = z.looseObject({
+  wallS: z.number(),
+  phasesS: z.record(z.string(), z.number()),
+  forward: Stat,
+  step: Stat,
+  peakVramBytes: z.number().nullable(),
+});
+const Compared = z.object({ kino: z.number().nullable(), diffusers: z.number().nullable(), ratio: z.number().nullable() });
+
+/** What the engine's bench tool answers (the parts the report relies on; the rest is kept as is). */
+export const BenchRaw = z.looseObject({
+  environment: z.looseObject({ torch: z.string(), diffusers: z.string(), gpu: z.string().optional() }),
+  spec: BenchSpec,
+  loadS: z.number(),
+  videoTokens: z.number(),
+  runs: z.looseObject({ kino: z.array(Run), diffusers: z.array(Run).optional() }),
+  summary: z.object({ forwardS: Compared, stepS: Compared, generationS: Compared, peakVramBytes: Compared }),
+});
+export type BenchRaw = z.infer<typeof BenchRaw>;
+
+export interface BenchReport extends BenchRaw {
+  readonly kind: "kino-bench/v1";
+  readonly recordedAt: string;
+}
+
+/** Provenance of a spec: the command line and the commit it was made at. */
+export interface Provenance {
+  readonly command: string;
+  readonly commit: string | null;
+  readonly dirty: boolean | null;
+}
+
+/** The engine spec for `options`: the catalog architecture with random weights and the model's defaults. */
+export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpec {
+  const o = BenchOptions.parse(input);
+  const model = findCatalogModel(o.model);
+  if (model === undefined) {
+    throw new KinoError("UNKNOWN_MODEL", `"${o.model}" is not in the catalog; known: ${catalogIds().join(", ")}`, { field: "model" });
+  }
+  if (model.architecture === null) {
+    throw new KinoError("INVALID_ARGUMENT", `"${o.model}" has no full-size architecture to benchmark; use ${WAN21_1_3B_ID} or another hub model`, { field: "model" });
+  }
+  const d = model.defaults;
+  const { width, height } = o.size !== undefined ? parseSize(o.size, model.shape) : { width: d.width, height: d.height };
+  const frames = o.frames ?? d.frames;
+  if ((frames - 1) % model.shape.temporalMultiple !== 0) {
+    throw new KinoError("INVALID_ARGUMENT", `must be of the form ${model.shape.temporalMultiple}k+1 (e.g. 81); got ${frames}`, { field: "frames" });
+  }
+  return BenchSpec.parse({
+    model: {
+      name: model.id,
+      source: { kind: "random", architecture: model.architecture, seed: 0 },
+      device: o.device,
+      dtype: DTYPE_NAMES[o.dtype],
+    },
+    job: {
+      prompt: o.prompt,
+      negativePrompt: d.negativePrompt,
+      width,
+      height,
+      frames,
+      steps: o.steps ?? d.steps,
+      guidance: o.guidance ?? d.guidance,
+      shift: o.shift ?? d.shift,
+      seed: o.seed,
+      fps: d.fps,
+    },
+    warmupSteps: o.warmupSteps,
+    generations: o.generations,
+    reference: o.reference ? "diffusers" : null,
+    provenance,
+  });
+}
+
+/** The commit of the repository kino runs from, and whether the tree differs from it; nulls outside git. */
+export async function gitProvenance(repoRoot: string): Promise<{ commit: string | null; dirty: boolean | null }> {
+  const git = promisify(execFile);
+  try {
+    const { stdout: head } = await git("git", ["rev-parse", "HEAD"], { cwd: repoRoot });
+    const { stdout: status } = await git("git", ["status", "--porcelain", "--untracked-files=no"], { cwd: repoRoot });
+    return { commit: head.trim(), dirty: status.trim() !== "" };
+  } catch {
+    return { commit: null, dirty: null };
+  }
+}
+
+/** Runs the engine's bench tool on this machine and returns its raw answer. */
+export async function runBench(config: KinoConfig, spec: BenchSpec, options: ToolOptions = {}): Promise<BenchRaw> {
+  const scratch = await mkdtemp(join(tmpdir(), "kino-bench-"));
+  try {
+    const specPath = join(scratch, "spec.json");
+    await writeFile(specPath, JSON.stringify(spec));
+    const answer = await runEngineTool(config, ["--spec", specPath], { ...options, module: "kino_engine.bench" });
+    return parseRaw(answer.result, "the engine's bench tool");
+  } finally {
+    await rm(scratch, { recursive: true, force: true });
+  }
+}
+
+/** Reads a raw answer saved from `python -m kino_engine.bench` (the whole last line, or its result). */
+export async function readRaw(path: string): Promise<BenchRaw> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(await readFile(path, "utf8"));
+  } catch (err) {
+    throw new KinoError("INVALID_ARGUMENT", `cannot read ${path} as JSON: ${(err as Error).message}`, { field: "from" });
+  }
+  const body = (parsed as { result?: unknown; ok?: unknown }).ok === true ? (parsed as { result: unknown }).result : parsed;
+  return parseRaw(body, path);
+}
+
+function parseRaw(value: unknown, what: string): BenchRaw {
+  const parsed = BenchRaw.safeParse(value);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new KinoError("INVALID_ARGUMENT", `${what} is not a kino bench result: ${issue?.path.join(".")}: ${issue?.message}`, { field: "from" });
+  }
+  return parsed.data;
+}
+
+export function benchReport(raw: BenchRaw, now: Date = new Date()): BenchReport {
+  return { kind: "kino-bench/v1", recordedAt: now.toISOString(), ...raw };
+}
+
+/** A file name that sorts by date and says what was measured: 2026-11-22-h100-wan2.1-t2v-1.3b-832x480x81.json */
+export function reportFileName(report: BenchReport): string {
+  const gpu = (report.environment.gpu ?? "cpu").toLowerCase().replace(/nvidia|hbm3e?|\d+gb/g, "").trim().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
+  const { width, height, frames, steps } = report.spec.job;
+  return `${report.recordedAt.slice(0, 10)}-${gpu}-${report.spec.model.name}-${width}x${height}x${frames}-${steps}steps.json`;
+}
+
+/** Writes the report into `dir` (temporary name, then rename); returns its path. */
+export async function recordBench(report: BenchReport, dir: string): Promise<string> {
+  await mkdir(dir, { recursive: true });
+  const path = join(dir, reportFileName(report));
+  const partial = `${path}.partial`;
+  await writeFile(partial, JSON.stringify(report, null, 2) + "\n");
+  await rename(partial, path);
+  return path;
+}

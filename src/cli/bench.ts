@@ -1,0 +1,119 @@
+/** `kino bench`: measure kino against diffusers in one run on this machine's GPU, and record it. */
+import { resolve } from "node:path";
+import { Command } from "commander";
+import {
+  benchReport,
+  benchSpec,
+  gitProvenance,
+  readRaw,
+  recordBench,
+  runBench,
+  type BenchOptions,
+  type BenchReport,
+} from "../api/bench.ts";
+import type { CliContext } from "./context.ts";
+import { integerFlag, numberFlag } from "./flags.ts";
+import { bytes } from "./format.ts";
+
+interface BenchFlags {
+  model?: string;
+  size?: string;
+  frames?: string;
+  steps?: string;
+  guidance?: string;
+  shift?: string;
+  seed?: string;
+  prompt?: string;
+  device?: "cuda" | "cpu";
+  dtype?: "bf16" | "fp16" | "fp32";
+  warmupSteps?: string;
+  generations?: string;
+  reference: boolean;
+  specOnly?: boolean;
+  from?: string;
+  record?: string;
+  json?: boolean;
+}
+
+export function benchCommand(ctx: CliContext): Command {
+  return new Command("bench")
+    .description("time kino against diffusers' WanPipeline on the same random-weight model, in one run")
+    .option("--model <id>", "a catalog id with an architecture (random weights)", "wan2.1-t2v-1.3b")
+    .option("--size <WxH>", "video size (default: the model's)")
+    .option("--frames <n>", "frames, 4k+1 (default: the model's)")
+    .option("--steps <n>", "denoising steps (default: the model's)")
+    .option("--guidance <x>", "classifier-free guidance scale")
+    .option("--shift <x>", "flow shift")
+    .option("--seed <n>", "seed", "42")
+    .option("--prompt <text>", "prompt")
+    .option("--device <device>", "cuda or cpu", "cuda")
+    .option("--dtype <dtype>", "bf16, fp16 or fp32", "bf16")
+    .option("--warmup-steps <n>", "steps of each system's untimed warm-up generation", "2")
+    .option("--generations <n>", "timed generations per system", "1")
+    .option("--no-reference", "measure kino alone")
+    .option("--spec-only", "print the engine spec (for python -m kino_engine.bench --spec FILE) and stop")
+    .option("--from <raw.json>", "record a result measured elsewhere by python -m kino_engine.bench")
+    .option("--record <dir>", "write the report as JSON into this folder (e.g. docs/benchmarks)")
+    .option("--json", "print the report as JSON on stdout")
+    .action(async (flags: BenchFlags) => {
+      let raw;
+      if (flags.from !== undefined) {
+        raw = await readRaw(resolve(ctx.cwd, flags.from));
+      } else {
+        const options: BenchOptions = {
+          model: flags.model,
+          size: flags.size,
+          frames: integerFlag(flags.frames, "frames"),
+          steps: integerFlag(flags.steps, "steps"),
+          guidance: numberFlag(flags.guidance, "guidance"),
+          shift: numberFlag(flags.shift, "shift"),
+          seed: integerFlag(flags.seed, "seed"),
+          prompt: flags.prompt,
+          device: flags.device,
+          dtype: flags.dtype,
+          warmupSteps: integerFlag(flags.warmupSteps, "warmupSteps"),
+          generations: integerFlag(flags.generations, "generations"),
+          reference: flags.reference,
+        };
+        const command = ["kino", "bench", ...ctx.argv.slice(ctx.argv.indexOf("bench") + 1)].join(" ");
+        const spec = benchSpec(options, { command, ...(await gitProvenance(ctx.config.repoRoot)) });
+        if (flags.specOnly) return ctx.io.stdout(JSON.stringify(spec) + "\n");
+        raw = await runBench(ctx.config, spec, {
+          signal: ctx.signal,
+          logger: ctx.logger,
+          onStderrLine: (line) => line.startsWith("[bench]") && ctx.io.stderr(line + "\n"),
+        });
+      }
+      const report = benchReport(raw);
+      if (flags.record !== undefined) {
+        const path = await recordBench(report, resolve(ctx.cwd, flags.record));
+        ctx.io.stderr(`kino: recorded ${path}\n`);
+      }
+      ctx.io[flags.json ? "stderr" : "stdout"](formatBenchSummary(report));
+      if (flags.json) ctx.io.stdout(JSON.stringify(report) + "\n");
+    });
+}
+
+/** A table of kino vs diffusers with ratios (< 1: kino takes less). */
+export function formatBenchSummary(report: BenchReport): string {
+  const { environment: env, spec, summary } = report;
+  const job = spec.job;
+  const s = (v: number | null) => (v === null ? "—" : `${v.toFixed(3)} s`);
+  const b = (v: number | null) => (v === null ? "—" : bytes(v));
+  const r = (v: number | null) => (v === null ? "—" : `${v.toFixed(3)}×`);
+  const rows: Array<[string, string, string, string]> = [
+    ["per forward (median)", s(summary.forwardS.kino), s(summary.forwardS.diffusers), r(summary.forwardS.ratio)],
+    ["per step (median)", s(summary.stepS.kino), s(summary.stepS.diffusers), r(summary.stepS.ratio)],
+    ["per generation (warm)", s(summary.generationS.kino), s(summary.generationS.diffusers), r(summary.generationS.ratio)],
+    ["peak VRAM", b(summary.peakVramBytes.kino), b(summary.peakVramBytes.diffusers), r(summary.peakVramBytes.ratio)],
+  ];
+  const head: [string, string, string, string] = ["", "kino", "diffusers", "kino/diffusers"];
+  const widths = head.map((_, i) => Math.max(...[head, ...rows].map((row) => row[i]!.length)));
+  const line = (row: string[]) => row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ") + "\n";
+  return [
+    `${spec.model.name} (random weights, ${spec.model.dtype}) ${job.width}x${job.height}x${job.frames}, ${job.steps} steps, guidance ${job.guidance}\n`,
+    `${env.gpu ?? "cpu"} · torch ${env.torch} · diffusers ${env.diffusers} · ${report.videoTokens} video tokens\n`,
+    line(head),
+    ...rows.map(line),
+  ].join("");
+}
