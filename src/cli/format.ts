@@ -38,7 +38,8 @@ export function formatError(error: KinoError, debug: boolean): string {
   const phase = error.phase !== null && error.phase !== undefined ? ` (during ${error.phase})` : "";
   const lines = [`kino: ${where}${error.message}${phase} [${error.code}]`];
   if (error.hint !== undefined) lines.push(`  hint: ${error.hint}`);
-  const tail = error.stderrTail?.trimEnd();
+  // The engine's traceback helps with failures (exit 1); a refused request already says what to fix.
+  const tail = debug || error.exitCode === 1 ? error.stderrTail?.trimEnd() : undefined;
   if (tail) {
     const shown = debug ? tail : tail.split("\n").slice(-20).join("\n");
     lines.push("  engine stderr (last lines):", ...shown.split("\n").map((l) => `    ${l}`));
