@@ -133,6 +133,16 @@ describe("bin/kino on the tiny model, CPU", { timeout: 180_000 }, () => {
     assert.match(r.stderr, /^kino: --frames: .*nearest: 81/);
   });
 
+  test("models make-tiny makes a checkpoint that generate accepts, and says it is noise", async () => {
+    const r = await kino(["models", "make-tiny", "own-tiny", "--seed", "5", "--json"], home);
+    assert.equal(r.code, 0, r.stderr);
+    const doc = JSON.parse(r.stdout);
+    assert.deepEqual([doc.ok, doc.path, doc.noise, doc.seed], [true, join(home, "own-tiny"), true, 5]);
+    assert.match(r.stderr, /whatever it generates is noise/);
+    assert.ok(existsSync(join(home, "own-tiny", "model_index.json")));
+    assert.ok(existsSync(join(home, "own-tiny", "kino_tiny.json")));
+  });
+
   test("models list --json shows tiny present", async () => {
     const r = await kino(["models", "list", "--json"], home);
     assert.equal(r.code, 0, r.stderr);

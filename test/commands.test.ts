@@ -73,6 +73,8 @@ test("models pull: downloads the hub repo into $KINO_HOME/models/<id>; tiny and 
   assert.equal(again.code, 0);
   assert.match(again.stderr, /already in/);
   assert.equal(pulls.length, 1, "a present model is not downloaded again");
+  const json = await runKino(["models", "pull", "wan2.1-t2v-1.3b", "--json"], { home, tools: { pull } });
+  assert.deepEqual(JSON.parse(json.stdout), { ok: true, id: "wan2.1-t2v-1.3b", path: join(home, "models", "wan2.1-t2v-1.3b"), alreadyPresent: true });
 
   const tiny = await runKino(["models", "pull", "tiny"], { home, tools: { pull } });
   assert.equal(tiny.code, 2);
@@ -108,8 +110,10 @@ test("models make-tiny: says its videos are noise, prints the folder", async () 
   assert.match(r.stderr, /random weights .*whatever it generates is noise/);
   assert.equal(r.stdout, join(home, "my-tiny") + "\n");
   assert.ok(existsSync(join(home, "my-tiny")));
+  const json = await runKino(["models", "make-tiny", "json-tiny", "--json"], { home, tools: { makeTiny } });
+  assert.deepEqual(JSON.parse(json.stdout), { ok: true, path: join(home, "json-tiny"), noise: true });
   const badSeed = await runKino(["models", "make-tiny", "x", "--seed", "-3"], { home, tools: { makeTiny } });
   assert.equal(badSeed.code, 2);
   assert.match(badSeed.stderr, /^kino: --seed: must be a whole number ≥ 0; got -3/);
-  assert.equal(made.length, 1, "a bad seed runs nothing");
+  assert.equal(made.length, 2, "a bad seed runs nothing");
 });

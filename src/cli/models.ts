@@ -26,19 +26,21 @@ export function modelsCommand(ctx: CliContext): Command {
     .description("make kino's tiny Wan checkpoint (random weights: its videos are noise) in a new folder")
     .argument("<dir>", "a new or empty folder")
     .option("--seed <n>", "seed of the random weights")
-    .action(async (dir: string, flags: { seed?: string }) => {
+    .option("--json", "print the result as one JSON object on stdout")
+    .action(async (dir: string, flags: { seed?: string; json?: boolean }) => {
       const seed = integerFlag(flags.seed, "seed");
       checkTinySeed(seed);
       ctx.io.stderr(`kino: making a tiny checkpoint with random weights in ${dir}: whatever it generates is noise (it tests the pipeline)\n`);
-      const { path } = await makeTinyModel(dir, seed, { tools: ctx.tools, cwd: ctx.cwd }, { signal: ctx.signal, logger: ctx.logger });
-      ctx.io.stdout(`${path}\n`);
+      const { path, answer } = await makeTinyModel(dir, seed, { tools: ctx.tools, cwd: ctx.cwd }, { signal: ctx.signal, logger: ctx.logger });
+      ctx.io.stdout(flags.json ? JSON.stringify({ ...answer, ok: true, path, noise: true }) + "\n" : `${path}\n`);
     });
 
   models
     .command("pull")
     .description("download a catalog model into $KINO_HOME/models/<id>")
     .argument("<id>", "a catalog id (kino models list)")
-    .action(async (id: string) => {
+    .option("--json", "print the result as one JSON object on stdout")
+    .action(async (id: string, flags: { json?: boolean }) => {
       const interactive = ctx.io.stderrIsTTY;
       const result = await pullModel(id, { tools: ctx.tools, config: ctx.config }, {
         signal: ctx.signal,
@@ -47,7 +49,7 @@ export function modelsCommand(ctx: CliContext): Command {
         onStderrLine: interactive ? (line) => ctx.io.stderr(line + "\n") : undefined,
       });
       ctx.io.stderr(result.alreadyPresent ? `kino: ${id} is already in ${result.path}\n` : `kino: ${id} downloaded to ${result.path}\n`);
-      ctx.io.stdout(`${result.path}\n`);
+      ctx.io.stdout(flags.json ? JSON.stringify({ ok: true, ...result }) + "\n" : `${result.path}\n`);
     });
 
   return models;
