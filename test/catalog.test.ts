@@ -1,6 +1,6 @@
 /** The model catalog: ids, defaults, the full architecture configs, and the rules that pick and resolve models. */
 import assert from "node:assert/strict";
-import { truncateSync } from "node:fs";
+import { truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { test } from "node:test";
 import { inspectCheckpoint } from "../src/catalog/checkpoint.ts";
@@ -13,7 +13,6 @@ import { WanArchitecture } from "../src/protocol/engine.ts";
 import { safetensorsBytes, writeFakeCheckpoint } from "./fixtures/checkpoint.ts";
 import { rejectsWith } from "./engine-conformance.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
-import { writeFileSync } from "node:fs";
 
 test("the catalog holds tiny, the 1.3B and the 14B, the real ones from the Wan-AI Diffusers repos", () => {
   assert.deepEqual(

@@ -73,7 +73,7 @@ describe("kino generate over the FakeEngine", () => {
     assert.equal(r.code, 0, r.stderr);
     assert.equal(r.stdout, "", "nothing on stdout");
     assert.match(r.stderr, /kino's tiny model with random weights: the video is noise/);
-    assert.match(r.stderr, /device cpu: the engine sees no CUDA GPU/);
+    assert.match(r.stderr, /device cpu \(float32\): the engine sees no CUDA GPU/);
     assert.match(r.stderr, /seed \d+ \(chosen at random; pass --seed \d+ to repeat\)/);
     assert.match(r.stderr, /denoise step 1\/3 .* s\/step {2}ETA \d+:\d\d\n/);
     assert.match(r.stderr, /denoise step 3\/3/);
@@ -131,7 +131,7 @@ describe("kino generate over the FakeEngine", () => {
       });
       assert.equal(r.code, 0, r.stderr);
       assert.match(r.stderr, /model auto → wan2\.1-t2v-1\.3b: its weights are here and a CUDA GPU is present/);
-      assert.match(r.stderr, /device cuda: the engine sees Fake H100/);
+      assert.match(r.stderr, /device cuda \(bfloat16\): the engine sees Fake H100/);
       assert.doesNotMatch(r.stderr, /random weights|video is noise/);
       const doc = JSON.parse(r.stdout);
       assert.deepEqual([doc.device, doc.dtype], ["cuda", "bfloat16"]);

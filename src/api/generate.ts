@@ -20,7 +20,7 @@ import {
 import { findCatalogModel, WAN21_1_3B_ID, WAN21_SHAPE } from "../catalog/models.ts";
 import type { EngineClient, EngineFactory } from "../engine/client.ts";
 import { KinoError, toKinoError } from "../errors.ts";
-import type { EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../protocol/engine.ts";
+import type { Device, DeviceInfo, DType, EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../protocol/engine.ts";
 import {
   checkNumbers,
   checkOutputs,
@@ -118,14 +118,8 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
     if (model.randomWeights) notice(`${model.name} with random weights: for timings only, the video is noise`);
     if (model.needsMakeTiny && model.path !== null) await makeTinyOnce(model.path, deps, notice, signal);
 
-    const device = options.device ?? (hello.devices.length > 0 ? "cuda" : "cpu");
-    if (options.device === undefined) {
-      notice(`device ${device}: ${device === "cuda" ? `the engine sees ${hello.devices[0]?.name ?? "a GPU"}` : "the engine sees no CUDA GPU"}`);
-    }
-    if (device === "cuda" && hello.devices.length === 0) {
-      throw new KinoError("DEVICE_UNAVAILABLE", "cuda was asked for but the engine sees no CUDA GPU; use --device cpu", { field: "device" });
-    }
-    const dtype = DTYPE_NAMES[options.dtype ?? (device === "cuda" ? "bf16" : "fp32")];
+    const { device, dtype, reason } = choosePlacement(options, hello.devices);
+    if (reason !== null) notice(reason);
     const seed = options.seed ?? randomInt(0, 2 ** 32);
     if (options.seed === undefined) notice(`seed ${seed} (chosen at random; pass --seed ${seed} to repeat)`);
 
@@ -158,6 +152,27 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
   } finally {
     await engine.close();
   }
+}
+
+/**
+ * Device and precision: as asked, else cuda when the engine sees a GPU (bf16 there), else cpu
+ * (fp32: bf16 matmuls on CPUs are slow or emulated). Pure; `reason` explains a decision made for the user.
+ * @throws KinoError DEVICE_UNAVAILABLE for cuda without a GPU.
+ */
+export function choosePlacement(
+  asked: Pick<ParsedGenerateOptions, "device" | "dtype">,
+  gpus: readonly DeviceInfo[],
+): { device: Device; dtype: DType; reason: string | null } {
+  const device = asked.device ?? (gpus.length > 0 ? "cuda" : "cpu");
+  if (device === "cuda" && gpus.length === 0) {
+    throw new KinoError("DEVICE_UNAVAILABLE", "cuda was asked for but the engine sees no CUDA GPU; use --device cpu", { field: "device" });
+  }
+  const dtype = DTYPE_NAMES[asked.dtype ?? (device === "cuda" ? "bf16" : "fp32")];
+  const reason =
+    asked.device !== undefined
+      ? null
+      : `device ${device} (${dtype}): ${device === "cuda" ? `the engine sees ${gpus[0]?.name ?? "a GPU"}` : "the engine sees no CUDA GPU"}`;
+  return { device, dtype, reason };
 }
 
 /** The protocol's job: the request's values, the model's defaults for the rest. */
