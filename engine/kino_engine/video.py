@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from fractions import Fraction
+from typing import Callable
 
 import av
 import numpy as np
@@ -132,41 +133,41 @@ def write_outputs(frames: np.ndarray, output: JobOutput, fps: float) -> None:
         raise
 
 
-def _stage_video(frames: np.ndarray, final: str, fps: float) -> str:
+def _private_file(parent: str, name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.mp4", dir=parent)
+    os.close(fd)
+    os.chmod(path, 0o666 & ~_UMASK)
+    return path
+
+
+def _private_folder(parent: str, name: str) -> str:
+    path = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
+    os.chmod(path, 0o777 & ~_UMASK)
+    return path
+
+
+def _stage(final: str, field: str, create: Callable[[str, str], str], write: Callable[[str], None]) -> str:
+    """A temporary sibling of `final`, created and written; removed again if writing fails."""
     parent, name = os.path.split(os.path.abspath(final))
     try:
-        fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial.mp4", dir=parent)
-        os.close(fd)
-        os.chmod(temporary, 0o666 & ~_UMASK)
+        temporary = create(parent, name)
     except OSError as exc:
-        raise _unwritable(VIDEO_FIELD, f"cannot create a file in {parent}: {exc}") from exc
+        raise _unwritable(field, f"cannot create a temporary output in {parent}: {exc}") from exc
     try:
-        encode_mp4(frames, temporary, fps)
-    except av.FFmpegError as exc:
+        write(temporary)
+    except BaseException as exc:
         _remove(temporary)
-        raise EngineFailure("ENCODER_FAILED", f"libx264 failed to encode {final}: {exc}", phase="encode") from exc
-    except OSError as exc:
-        _remove(temporary)
-        raise _unwritable(VIDEO_FIELD, f"writing {final} failed: {exc}") from exc
-    except BaseException:
-        _remove(temporary)
+        if isinstance(exc, av.FFmpegError):  # before OSError: some of PyAV's errors are both
+            raise EngineFailure("ENCODER_FAILED", f"libx264 failed to encode {final}: {exc}", phase="encode") from exc
+        if isinstance(exc, OSError):
+            raise _unwritable(field, f"writing {final} failed: {exc}") from exc
         raise
     return temporary
+
+
+def _stage_video(frames: np.ndarray, final: str, fps: float) -> str:
+    return _stage(final, VIDEO_FIELD, _private_file, lambda path: encode_mp4(frames, path, fps))
 
 
 def _stage_frames(frames: np.ndarray, final: str) -> str:
-    parent, name = os.path.split(os.path.abspath(final))
-    try:
-        temporary = tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent)
-        os.chmod(temporary, 0o777 & ~_UMASK)
-    except OSError as exc:
-        raise _unwritable(FRAMES_FIELD, f"cannot create a folder in {parent}: {exc}") from exc
-    try:
-        write_png_sequence(frames, temporary)
-    except OSError as exc:
-        _remove(temporary)
-        raise _unwritable(FRAMES_FIELD, f"writing PNG frames for {final} failed: {exc}") from exc
-    except BaseException:
-        _remove(temporary)
-        raise
-    return temporary
+    return _stage(final, FRAMES_FIELD, _private_folder, lambda path: write_png_sequence(frames, path))

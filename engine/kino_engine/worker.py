@@ -28,7 +28,7 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .cancel import CancelToken
 from .protocol import (
@@ -50,6 +50,9 @@ from .protocol import (
 )
 from .runtime.memory import free_device_memory
 
+if TYPE_CHECKING:
+    from .engine import Engine
+
 log = logging.getLogger("kino_engine.worker")
 
 _EOF = object()
@@ -64,7 +67,7 @@ class _Queued:
 class Worker:
     """Serves one channel with one engine until shutdown or end of stream."""
 
-    def __init__(self, channel: Channel, engine: Any):
+    def __init__(self, channel: Channel, engine: Engine):
         self.channel = channel
         self.engine = engine
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -77,13 +80,13 @@ class Worker:
     def _send(self, message: Mapping[str, Any]) -> None:
         try:
             self.channel.send(message)
-        except (BrokenPipeError, ConnectionError, ValueError, OSError) as exc:
-            if isinstance(exc, ValueError):  # not JSON-serializable: a bug; answer with INTERNAL instead
-                log.exception("could not serialize a message")
-                failure = EngineFailure("INTERNAL", f"the engine produced an invalid message: {exc}")
-                self.channel.send(error_message(str(message.get("id", UNKNOWN_REQUEST_ID)), failure))
-            else:
-                log.warning("the control plane is gone (%s); dropping a message", exc)
+        except ValueError as exc:  # not JSON (NaN, an odd type): a bug in the engine
+            log.exception("could not serialize a %s message", message.get("type"))
+            if message.get("type") == "result":  # an event is dropped; a result becomes an error
+                failure = EngineFailure("INTERNAL", f"the engine produced an invalid result: {exc}")
+                self._send(error_message(str(message["id"]), failure))
+        except OSError as exc:
+            log.warning("the control plane is gone (%s); dropping a message", exc)
 
     def _emitter(self, request_id: str) -> Callable[[Mapping[str, Any]], None]:
         return lambda event: self._send(event_message(request_id, event))

@@ -13,7 +13,7 @@ that fails to load), BAD_REQUEST naming the architecture field whose config does
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import diffusers
 import torch
@@ -31,6 +31,7 @@ VAE_DTYPE = torch.float32
 TEXT_ENCODER_MAX_LENGTH = 512
 
 OnProgress = Callable[[str, int, int], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,10 +114,10 @@ def load_checkpoint_components(
     )
 
 
-def _maker(field: str, make: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+def _maker(field: str, make: Callable[[], T]) -> Callable[[], T]:
     """`make`, with a config that does not build reported as BAD_REQUEST naming `field`."""
 
-    def checked() -> torch.nn.Module:
+    def checked() -> T:
         try:
             return make()
         except (TypeError, ValueError, KeyError, AssertionError) as exc:
