@@ -205,6 +205,26 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
       assert.equal(existsSync(out), false);
     });
 
+    test("close during a job ends the job (CANCELLED, or ENGINE_CLOSED if killed) without hanging or writing it", async () => {
+      const second = await target.start();
+      await second.load(model(target.checkpoint));
+      const out = join(scratch, "closed-mid-job.mp4");
+      let closing: Promise<void> | undefined;
+      const outcome = second
+        .generate(job(out, { steps: target.cancelSteps }), {
+          onEvent: (e) => {
+            if (e.kind === "step" && closing === undefined) closing = second.close();
+          },
+        })
+        .then(
+          () => "finished",
+          (err: KinoError) => err.code,
+        );
+      assert.ok(["CANCELLED", "ENGINE_CLOSED"].includes(await outcome), `the job ended with ${await outcome}`);
+      await closing;
+      assert.equal(existsSync(out), false);
+    });
+
     test("close is idempotent and later requests answer ENGINE_CLOSED", async () => {
       const second = await target.start();
       await second.hello();

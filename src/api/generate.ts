@@ -112,6 +112,7 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
   const engine = await deps.startEngine();
   try {
     const hello = await engine.hello();
+    throwIfCancelled(signal);
     const model = prepared.model ?? (await decideAuto(hello, deps, notice));
     const { options } = prepared;
     if (model.tiny) notice(`${model.name} is kino's tiny model with random weights: the video is noise (it tests the pipeline)`);

@@ -23,8 +23,9 @@ export interface EngineClient {
   /** Runs one job on the loaded model; streams phase and step events. */
   generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult>;
   /**
-   * Asks the engine to shut down and waits for it, killing it after a grace period. Idempotent;
-   * requests pending or made after it reject with ENGINE_CLOSED.
+   * Asks the engine to shut down and waits for it, killing it after a grace period. Idempotent.
+   * A running generate ends with CANCELLED (ENGINE_CLOSED where the engine had to be killed);
+   * requests made after it reject with ENGINE_CLOSED.
    */
   close(): Promise<void>;
 }

@@ -158,7 +158,7 @@ export class FakeEngine implements EngineClient {
     };
     const checkCancel = (at: Phase) => {
       if (options.signal?.aborted) throw new KinoError("CANCELLED", "the job was cancelled", { phase: at });
-      if (this.#closed) throw new KinoError("ENGINE_CLOSED", "the engine was closed during the job", { phase: at });
+      if (this.#closed) throw new KinoError("CANCELLED", "the job was cancelled: the engine is shutting down", { phase: at });
     };
     const fps = job.fps ?? FAKE_FPS;
     const pattern = { width: job.width, height: job.height, frames: job.frames, fps };

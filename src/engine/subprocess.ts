@@ -102,9 +102,10 @@ export class SubprocessEngine implements EngineClient {
     this.#pipe.on("data", (chunk: string) => this.#onData(chunk));
     // Write errors (EPIPE after a crash) surface through the exit handling below.
     this.#pipe.on("error", (err) => this.#logger.debug(`engine pipe: ${err.message}`));
+    const stdout = new OutputTail(1);
     this.#child.stdout?.setEncoding("utf8");
     this.#child.stdout?.on("data", (chunk: string) => {
-      for (const line of chunk.split("\n")) if (line !== "") this.#logger.debug(`engine stdout: ${line}`);
+      for (const line of stdout.push(chunk)) this.#logger.debug(`engine stdout: ${line}`);
     });
     this.#child.stderr?.setEncoding("utf8");
     this.#child.stderr?.on("data", (chunk: string) => {
@@ -173,7 +174,7 @@ export class SubprocessEngine implements EngineClient {
 
   async #shutdown(): Promise<void> {
     if (this.#fatal === undefined) {
-      // The worker answers shutdown and exits; pending requests then fail with ENGINE_CLOSED.
+      // The worker cancels a running job, answers shutdown and exits.
       this.#request("shutdown", {}).catch(() => {});
       this.#pipe.end();
     }

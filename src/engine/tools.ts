@@ -37,6 +37,7 @@ export async function runEngineTool(
 ): Promise<Record<string, unknown>> {
   const logger = options.logger ?? silentLogger;
   const module = options.module ?? "kino_engine.tools";
+  if (options.signal?.aborted) throw new KinoError("CANCELLED", `${module} ${args[0] ?? ""} was cancelled before it started`);
   const { command, args: argv, env } = await pythonModuleCommand(config, module, args);
   const what = `${module} ${args[0] ?? ""}`.trim();
   const stdout = new OutputTail(16, 64 * 1024);
