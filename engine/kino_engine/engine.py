@@ -26,6 +26,7 @@ from .protocol import (
     ModelSpec,
     Phase,
     load_event,
+    log_event,
     phase_event,
     step_event,
 )
@@ -98,6 +99,9 @@ class Engine:
             emit(load_event(component, done, total))
 
         model = run_classified(lambda: "load", lambda: WanT2V.load(spec, progress))
+        if model.vae.dtype != model.dtype:
+            emit(log_event("info", f"VAE kept in {str(model.vae.dtype).removeprefix('torch.')} while the model runs "
+                                   f"in {spec.dtype}: Wan's VAE is run in float32 (as diffusers' Wan examples do)"))
         load_ms = _ms_since(started)
         emit(phase_event("load", "end", load_ms))
         self.model, self.spec = model, spec

@@ -65,7 +65,13 @@ def test_weights_are_seeded_normal_and_biases_keep_their_init() -> None:
 
 
 def test_bfloat16_build_keeps_fp32_modules_and_the_vae_in_float32() -> None:
-    model = WanT2V.load(_spec(dtype="bfloat16"))
+    events: list[dict] = []
+    engine = Engine()
+    engine.load(_spec(dtype="bfloat16"), events.append)
+    model = engine.model
+    assert any(e["kind"] == "log" and "VAE kept in float32" in e["message"] for e in events), (
+        "the automatic choice of a float32 VAE must be reported with its reason"
+    )
     assert model.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert model.transformer.scale_shift_table.dtype == torch.float32, (
         "WanTransformer3DModel keeps scale_shift_table in fp32 (_keep_in_fp32_modules), as loading does"

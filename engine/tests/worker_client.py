@@ -4,7 +4,6 @@ message received validated against src/protocol/engine.schema.json (Draft 2020-1
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
