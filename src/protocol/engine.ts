@@ -77,7 +77,7 @@ export const ModelSpec = z.object({
   name: z.string().min(1),
   source: ModelSource,
   device: Device,
-  /** Precision of the transformer and VAE; the text encoder follows it. */
+  /** Precision of the transformer and the text encoder; the VAE stays float32 (as diffusers' Wan examples run it). */
   dtype: DType,
 });
 export type ModelSpec = z.infer<typeof ModelSpec>;
