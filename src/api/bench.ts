@@ -17,7 +17,7 @@ import { findCatalogModel, catalogIds, WAN21_1_3B_ID } from "../catalog/models.t
 import type { KinoConfig } from "../config/config.ts";
 import { runEngineTool, type ToolOptions } from "../engine/tools.ts";
 import { KinoError } from "../errors.ts";
-import { ModelSpec } from "../protocol/engine.ts";
+import { JobSpec, ModelSpec } from "../protocol/engine.ts";
 import { DTYPE_NAMES, parseSize } from "./generate-options.ts";
 
 export const BENCH_PROMPT = "A cat walks on the grass, realistic";
@@ -55,18 +55,7 @@ export type BenchOptions = z.input<typeof BenchOptions>;
 /** What the engine's bench tool takes. */
 export const BenchSpec = z.object({
   model: ModelSpec,
-  job: z.object({
-    prompt: z.string(),
-    negativePrompt: z.string(),
-    width: z.number().int().positive(),
-    height: z.number().int().positive(),
-    frames: z.number().int().positive(),
-    steps: z.number().int().positive(),
-    guidance: z.number().nonnegative(),
-    shift: z.number().positive().nullable(),
-    seed: z.number().int().nonnegative(),
-    fps: z.number().positive().nullable(),
-  }),
+  job: JobSpec.omit({ output: true }),
   warmupSteps: z.number().int().positive(),
   generations: z.number().int().positive(),
   reference: z.enum(["diffusers"]).nullable(),

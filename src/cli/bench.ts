@@ -12,17 +12,12 @@ import {
   type BenchReport,
 } from "../api/bench.ts";
 import type { CliContext } from "./context.ts";
-import { integerFlag, numberFlag } from "./flags.ts";
+import { integerFlag } from "./flags.ts";
 import { bytes } from "./format.ts";
+import { addJobShapeOptions, jobShape, type JobShapeFlags } from "./job-flags.ts";
 
-interface BenchFlags {
+interface BenchFlags extends JobShapeFlags {
   model?: string;
-  size?: string;
-  frames?: string;
-  steps?: string;
-  guidance?: string;
-  shift?: string;
-  seed?: string;
   prompt?: string;
   device?: "cuda" | "cpu";
   dtype?: "bf16" | "fp16" | "fp32";
@@ -36,15 +31,10 @@ interface BenchFlags {
 }
 
 export function benchCommand(ctx: CliContext): Command {
-  return new Command("bench")
+  const command = new Command("bench")
     .description("time kino against diffusers' WanPipeline on the same random-weight model, in one run")
-    .option("--model <id>", "a catalog id with an architecture (random weights)", "wan2.1-t2v-1.3b")
-    .option("--size <WxH>", "video size (default: the model's)")
-    .option("--frames <n>", "frames, 4k+1 (default: the model's)")
-    .option("--steps <n>", "denoising steps (default: the model's)")
-    .option("--guidance <x>", "classifier-free guidance scale")
-    .option("--shift <x>", "flow shift")
-    .option("--seed <n>", "seed", "42")
+    .option("--model <id>", "a catalog id with an architecture (random weights)", "wan2.1-t2v-1.3b");
+  return addJobShapeOptions(command, "random seed (default 42)")
     .option("--prompt <text>", "prompt")
     .option("--device <device>", "cuda or cpu", "cuda")
     .option("--dtype <dtype>", "bf16, fp16 or fp32", "bf16")
@@ -62,12 +52,7 @@ export function benchCommand(ctx: CliContext): Command {
       } else {
         const options: BenchOptions = {
           model: flags.model,
-          size: flags.size,
-          frames: integerFlag(flags.frames, "frames"),
-          steps: integerFlag(flags.steps, "steps"),
-          guidance: numberFlag(flags.guidance, "guidance"),
-          shift: numberFlag(flags.shift, "shift"),
-          seed: integerFlag(flags.seed, "seed"),
+          ...jobShape(flags),
           prompt: flags.prompt,
           device: flags.device,
           dtype: flags.dtype,

@@ -3,20 +3,15 @@ import { Command, Option } from "commander";
 import { generateVideo, type GenerateOutcome } from "../api/generate.ts";
 import type { GenerateOptions } from "../api/generate-options.ts";
 import type { CliContext } from "./context.ts";
-import { integerFlag, numberFlag } from "./flags.ts";
+import { numberFlag } from "./flags.ts";
 import { bytes, seconds } from "./format.ts";
+import { addJobShapeOptions, jobShape, type JobShapeFlags } from "./job-flags.ts";
 import { ProgressReporter } from "./progress.ts";
 
-interface GenerateFlags {
+interface GenerateFlags extends JobShapeFlags {
   model: string;
   prompt: string;
   negativePrompt?: string;
-  size?: string;
-  frames?: string;
-  steps?: string;
-  guidance?: string;
-  shift?: string;
-  seed?: string;
   fps?: string;
   device?: "cuda" | "cpu";
   dtype?: "bf16" | "fp16" | "fp32";
@@ -27,17 +22,12 @@ interface GenerateFlags {
 }
 
 export function generateCommand(ctx: CliContext): Command {
-  return new Command("generate")
+  const command = new Command("generate")
     .description("generate a video from a text prompt")
     .option("--model <id|path>", "a catalog id (kino models list), a checkpoint folder, or auto: the 1.3B model on a GPU when downloaded, else tiny", "auto")
     .requiredOption("--prompt <text>", "what the video shows")
-    .option("--negative-prompt <text>", "what it should not show (default: the model's; Wan's standard one)")
-    .option("--size <WxH>", "width x height, multiples of 16 (default: the model's, 832x480)")
-    .option("--frames <n>", "number of frames, 4k+1 (default: the model's, 81)")
-    .option("--steps <n>", "denoising steps (default: the model's, 50)")
-    .option("--guidance <x>", "classifier-free guidance scale, 0 for none (default 5)")
-    .option("--shift <x>", "flow shift of the scheduler (default 3, for 480p)")
-    .option("--seed <n>", "random seed (default: random, printed)")
+    .option("--negative-prompt <text>", "what it should not show (default: the model's; Wan's standard one)");
+  return addJobShapeOptions(command, "random seed (default: random, printed)")
     .option("--fps <n>", "frames per second of the video (default: the model's, 16)")
     .addOption(new Option("--device <device>", "where to run (default: cuda if there is a GPU)").choices(["cuda", "cpu"]))
     .addOption(new Option("--dtype <dtype>", "precision (default: bf16 on cuda, fp32 on cpu)").choices(["bf16", "fp16", "fp32"]))
@@ -50,12 +40,7 @@ export function generateCommand(ctx: CliContext): Command {
         model: flags.model,
         prompt: flags.prompt,
         negativePrompt: flags.negativePrompt,
-        size: flags.size,
-        frames: integerFlag(flags.frames, "frames"),
-        steps: integerFlag(flags.steps, "steps"),
-        guidance: numberFlag(flags.guidance, "guidance"),
-        shift: numberFlag(flags.shift, "shift"),
-        seed: integerFlag(flags.seed, "seed"),
+        ...jobShape(flags),
         fps: numberFlag(flags.fps, "fps"),
         device: flags.device,
         dtype: flags.dtype,
