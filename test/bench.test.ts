@@ -95,7 +95,7 @@ test("a report is recorded with its provenance, and read back from a raw file", 
   assert.match(path, /2026-11-22-cpu-wan2\.1-t2v-1\.3b-64x64x9-3steps\.json$/);
   assert.deepEqual(JSON.parse(readFileSync(path, "utf8")), JSON.parse(JSON.stringify(report)));
   const table = formatBenchSummary(report);
-  assert.match(table, /per forward \(median\) +\d+\.\d{3} s +\d+\.\d{3} s +\d+\.\d{3}×/);
+  assert.match(table, /per forward, batch 1 \(median\) +\d+\.\d{3} s +\d+\.\d{3} s +\d+\.\d{3}×/);
   assert.match(table, /peak VRAM +— +— +—/);
 
   const rawPath = join(home, "raw.json");

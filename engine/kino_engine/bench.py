@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .floor import measure_floor
 from .pipelines.wan import WanT2V
 from .protocol import EngineFailure, JobOutput, JobSpec, parse_job_spec, parse_model_spec
 from .video import encode_mp4
@@ -109,19 +110,22 @@ class LoopProbe:
         self.clock = clock
         self.transformer = transformer
         self.forwards: list[tuple[Any, Any]] = []
+        self.batches: list[int] = []
         self.step_ends: list[Any] = []
         self._open: Any = None
         self._handles: list[Any] = []
 
     def __enter__(self) -> LoopProbe:
-        def before(*_: Any) -> None:
+        def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self.batches.append(int(hidden.shape[0]) if hidden is not None else 1)
             self._open = self.clock.mark()
 
         def after(*_: Any) -> None:
             self.forwards.append((self._open, self.clock.mark()))
 
         self._handles = [
-            self.transformer.register_forward_pre_hook(before),
+            self.transformer.register_forward_pre_hook(before, with_kwargs=True),
             self.transformer.register_forward_hook(after),
         ]
         return self
@@ -139,8 +143,11 @@ class LoopProbe:
         forward_s = [self.clock.seconds(a, b) for a, b in self.forwards]
         starts = [self.forwards[0][0], *self.step_ends[:-1]] if self.forwards else []
         step_s = [self.clock.seconds(a, b) for a, b in zip(starts, self.step_ends)]
+        batch = statistics.mode(self.batches) if self.batches else 1
         return {
             "forward": _stats(forward_s),
+            # A forward of batch 2 (CFG batched) does the work of two of batch 1.
+            "forwardBatch": batch,
             "step": _stats(step_s),
             "denoiseS": sum(step_s),
         }
@@ -295,6 +302,15 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 runs[name].append(measured)
     result["runs"] = {k: v for k, v in runs.items() if v}
     result["summary"] = _summary(runs)
+    if device.type == "cuda" and spec.get("floor", True):
+        log("measuring the floor: the forward's GEMMs and attention alone")
+        floor = measure_floor(model.transformer.config, result["videoTokens"], model.transformer.dtype)
+        result["floor"] = floor
+        for key, per in (("forwardS", 1), ("stepS", 2 if job.guidance > 1.0 else 1)):
+            entry = result["summary"][key]
+            entry["floor"] = floor["floorS"] * per
+            entry["kinoOverFloor"] = _ratio(entry["kino"], entry["floor"])
+            entry["diffusersOverFloor"] = _ratio(entry["diffusers"], entry["floor"])
     return result
 
 
@@ -317,7 +333,8 @@ def _summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         return statistics.median(values) if values else None
 
     picks: dict[str, Callable[[dict[str, Any]], float | None]] = {
-        "forwardS": lambda r: r["forward"].get("medianS"),
+        # Per forward of batch 1: a batched-CFG forward counts as two.
+        "forwardS": lambda r: r["forward"].get("medianS") and r["forward"]["medianS"] / r.get("forwardBatch", 1),
         "stepS": lambda r: r["step"].get("medianS"),
         "generationS": lambda r: r["wallS"],
         "peakVramBytes": lambda r: r["peakVramBytes"],

@@ -72,7 +72,15 @@ const Run = z.looseObject({
   step: Stat,
   peakVramBytes: z.number().nullable(),
 });
-const Compared = z.object({ kino: z.number().nullable(), diffusers: z.number().nullable(), ratio: z.number().nullable() });
+const Compared = z.object({
+  kino: z.number().nullable(),
+  diffusers: z.number().nullable(),
+  ratio: z.number().nullable(),
+  /** The floor (GEMMs + attention alone, measured in the same run) where the bench measured one. */
+  floor: z.number().optional(),
+  kinoOverFloor: z.number().nullable().optional(),
+  diffusersOverFloor: z.number().nullable().optional(),
+});
 
 /** What the engine's bench tool answers (the parts the report relies on; the rest is kept as is). */
 export const BenchRaw = z.looseObject({

@@ -87,12 +87,16 @@ export function formatBenchSummary(report: BenchReport): string {
   const b = (v: number | null) => (v === null ? "—" : bytes(v));
   const r = (v: number | null) => (v === null ? "—" : `${v.toFixed(3)}×`);
   const rows: Array<[string, string, string, string]> = [
-    ["per forward (median)", s(summary.forwardS.kino), s(summary.forwardS.diffusers), r(summary.forwardS.ratio)],
+    ["per forward, batch 1 (median)", s(summary.forwardS.kino), s(summary.forwardS.diffusers), r(summary.forwardS.ratio)],
     ["per step (median)", s(summary.stepS.kino), s(summary.stepS.diffusers), r(summary.stepS.ratio)],
     ["per generation (warm)", s(summary.generationS.kino), s(summary.generationS.diffusers), r(summary.generationS.ratio)],
     ["peak VRAM", b(summary.peakVramBytes.kino), b(summary.peakVramBytes.diffusers), r(summary.peakVramBytes.ratio)],
   ];
   const head: [string, string, string, string] = ["", "kino", "diffusers", "kino/diffusers"];
+  for (const [label, entry] of [["forward", summary.forwardS], ["step", summary.stepS]] as const) {
+    if (entry.floor === undefined) continue;
+    rows.push([`${label} / floor (${s(entry.floor)})`, r(entry.kinoOverFloor ?? null), r(entry.diffusersOverFloor ?? null), ""]);
+  }
   const widths = head.map((_, i) => Math.max(...[head, ...rows].map((row) => row[i]!.length)));
   const line = (row: string[]) => row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ") + "\n";
   return [
