@@ -10,6 +10,7 @@ import type { EngineClient } from "../src/engine/client.ts";
 import { KinoError } from "../src/errors.ts";
 import { probeVideo } from "../src/media/ffprobe.ts";
 import {
+  ClearCacheResult,
   GenerateResult,
   HelloResult,
   LoadResult,
@@ -168,6 +169,20 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
       assert.deepEqual(pngs, Array.from({ length: target.job.frames }, (_, k) => `frame_${String(k).padStart(5, "0")}.png`));
       assert.deepEqual(pngSize(join(frames, pngs[0]!)), { width: target.job.width, height: target.job.height });
       assert.equal((await probeVideo(out)).fps, 8);
+    });
+
+    test("prompt cache: repeated prompts are not re-encoded; clearCache empties it", async () => {
+      // The earlier generates used the same prompt and negative prompt (guidance 5: both encoded).
+      const warm = await engine.generate(job(join(scratch, "warm.mp4")));
+      assert.deepEqual(warm.cache, { promptHits: 2, promptMisses: 0 }, "a warm request must not run the text encoder again");
+      const changed = await engine.generate(job(join(scratch, "new-prompt.mp4"), { prompt: "a blue whale in deep water" }));
+      assert.deepEqual(changed.cache, { promptHits: 1, promptMisses: 1 }, "only the new prompt is encoded; the negative one is served");
+      const cleared = await engine.clearCache();
+      ClearCacheResult.parse(cleared);
+      assert.ok(cleared.freedBytes > 0, "the cache held the embeddings of three prompts");
+      assert.deepEqual(await engine.clearCache(), { freedBytes: 0 }, "a cleared cache holds nothing");
+      const cold = await engine.generate(job(join(scratch, "cold.mp4"), { guidance: 1 }));
+      assert.deepEqual(cold.cache, { promptHits: 0, promptMisses: 1 }, "after clearCache the prompt is encoded again (no CFG: only it)");
     });
 
     test("an output in a missing folder answers OUTPUT_UNWRITABLE naming the field", async () => {

@@ -40,6 +40,12 @@ from .runtime.memory import (
     vram_allocated,
     vram_peak,
 )
+from .runtime.embed_cache import (
+    DEFAULT_BUDGET_BYTES,
+    PromptEmbeddingCache,
+    encoder_identity,
+    install_prompt_cache,
+)
 from .system import hello_info
 from .video import check_outputs, write_outputs
 
@@ -68,11 +74,17 @@ def run_classified(phase: Callable[[], Phase | None], work: Callable[[], T]) -> 
 
 
 class Engine:
-    """hello / load / generate in-process; one model at a time."""
+    """hello / load / generate / clear_cache in-process; one model at a time.
 
-    def __init__(self) -> None:
+    Prompt embeddings are cached across generates (runtime/embed_cache.py): a warm request with the
+    same prompts skips the text encoder. The cache is emptied when the model is unloaded or replaced,
+    after an OOM, and on clear_cache.
+    """
+
+    def __init__(self, prompt_cache_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
         self.model: WanT2V | None = None
         self.spec: ModelSpec | None = None
+        self.prompt_cache = PromptEmbeddingCache(prompt_cache_bytes)
 
     def hello(self, request: HelloRequest) -> dict[str, Any]:
         if request.protocol != PROTOCOL_VERSION:
@@ -87,7 +99,14 @@ class Engine:
     def unload(self) -> None:
         self.model = None
         self.spec = None
+        self.prompt_cache.clear()
         free_device_memory()
+
+    def clear_cache(self) -> dict[str, Any]:
+        """Drops the cached prompt embeddings and returns their memory to the device."""
+        freed = self.prompt_cache.clear()
+        free_device_memory()
+        return {"freedBytes": freed}
 
     def load(self, spec: ModelSpec, emit: Emit) -> dict[str, Any]:
         # The previous model goes first: two full models rarely fit in one device at once.
@@ -102,6 +121,7 @@ class Engine:
         if model.vae.dtype != model.dtype:
             emit(log_event("info", f"VAE kept in {str(model.vae.dtype).removeprefix('torch.')} while the model runs "
                                    f"in {spec.dtype}: Wan's VAE is run in float32 (as diffusers' Wan examples do)"))
+        install_prompt_cache(model, self.prompt_cache, encoder_identity(spec.name, model.text_encoder, model.dtype, model.device))
         load_ms = _ms_since(started)
         emit(phase_event("load", "end", load_ms))
         self.model, self.spec = model, spec
@@ -124,7 +144,12 @@ class Engine:
         if model is None:
             raise EngineFailure("MODEL_NOT_LOADED", "generate before load: send a load request first")
         current: list[Phase | None] = [None]
-        return run_classified(lambda: current[0], lambda: self._generate(model, job, emit, token, current))
+        try:
+            return run_classified(lambda: current[0], lambda: self._generate(model, job, emit, token, current))
+        except EngineFailure as failure:
+            if failure.code == "OOM":
+                self.prompt_cache.clear()  # the worker frees device memory next; give it the embeddings too
+            raise
 
     def _generate(
         self, model: WanT2V, job: JobSpec, emit: Emit, token: CancelToken, current: list[Phase | None]
@@ -132,6 +157,7 @@ class Engine:
         model.check_job(job)
         check_outputs(job.output)
         started = time.perf_counter()
+        cache_before = self.prompt_cache.stats()
         ram = PeakRam()
         ram.start()
         reset_vram_peak(model.device)
@@ -153,6 +179,7 @@ class Engine:
         write_outputs(video.frames, job.output, fps)
         encode_ms = _ms_since(encode_started)
         on_phase("encode", "end", encode_ms)
+        cache_after = self.prompt_cache.stats()
         count, height, width, _ = video.frames.shape
         denoise_ms = video.phase_ms["denoise"]
         return {
@@ -171,6 +198,10 @@ class Engine:
             "secondsPerStep": denoise_ms / 1000.0 / job.steps,
             "peakVramBytes": vram_peak(model.device),
             "peakRamBytes": ram.peak(),
+            "cache": {
+                "promptHits": cache_after.hits - cache_before.hits,
+                "promptMisses": cache_after.misses - cache_before.misses,
+            },
         }
 
 

@@ -310,12 +310,20 @@ class CancelRequest:
 
 
 @dataclass(frozen=True)
+class ClearCacheRequest:
+    """Drop the engine's cached prompt embeddings (answered with {freedBytes})."""
+
+    id: str
+    type: Literal["clear_cache"] = "clear_cache"
+
+
+@dataclass(frozen=True)
 class ShutdownRequest:
     id: str
     type: Literal["shutdown"] = "shutdown"
 
 
-Request = Union[HelloRequest, LoadRequest, GenerateRequest, CancelRequest, ShutdownRequest]
+Request = Union[HelloRequest, LoadRequest, GenerateRequest, CancelRequest, ClearCacheRequest, ShutdownRequest]
 
 
 # ---- parsing JSON objects into requests ----
@@ -415,9 +423,11 @@ def parse_request(obj: Any) -> Request:
         target = _get(obj, "target", "")
         _check_str(target, "target", min_length=1, max_length=ID_MAX_LENGTH)
         return CancelRequest(id=request_id, target=target)
+    if kind == "clear_cache":
+        return ClearCacheRequest(id=request_id)
     if kind == "shutdown":
         return ShutdownRequest(id=request_id)
-    raise _bad("type", f"unknown request type {kind!r} (expected hello, load, generate, cancel or shutdown)")
+    raise _bad("type", f"unknown request type {kind!r} (expected hello, load, generate, cancel, clear_cache or shutdown)")
 
 
 def request_id_of(obj: Any) -> str | None:

@@ -1,6 +1,7 @@
 """`python -m kino_engine.worker`: serves the engine protocol on file descriptor 3.
 
 Contract:
+- `KINO_PROMPT_CACHE_BYTES` sets the byte budget of the prompt-embedding cache (default 512 MiB).
 - The descriptor is `KINO_PROTOCOL_FD` (default 3): one bidirectional unix socket (Node's extra
   stdio 'pipe' is a socketpair). Newline-delimited JSON both ways; see protocol.py.
 - A reader thread reads requests. `cancel` is answered at once from that thread (`{cancelled}`:
@@ -35,6 +36,7 @@ from .protocol import (
     UNKNOWN_REQUEST_ID,
     CancelRequest,
     Channel,
+    ClearCacheRequest,
     EngineFailure,
     GenerateRequest,
     HelloRequest,
@@ -205,6 +207,8 @@ class Worker:
             return self.engine.load(request.model, emit)
         if isinstance(request, GenerateRequest):
             return self.engine.generate(request.job, emit, token)
+        if isinstance(request, ClearCacheRequest):
+            return self.engine.clear_cache()
         raise EngineFailure("BAD_REQUEST", f"{request.type} cannot be queued", field="type")
 
 
@@ -235,7 +239,9 @@ def main() -> int:
 
     threads = configure_cpu_threads()
     log.info("engine ready on fd %d (pid %d, %d CPU threads)", fd, os.getpid(), threads)
-    return Worker(channel, Engine()).serve()
+    cache_bytes = os.environ.get("KINO_PROMPT_CACHE_BYTES")
+    engine = Engine() if cache_bytes is None else Engine(prompt_cache_bytes=int(cache_bytes))
+    return Worker(channel, engine).serve()
 
 
 if __name__ == "__main__":

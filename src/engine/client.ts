@@ -3,7 +3,15 @@
  * (the Python worker, speaking protocol/engine.ts over a pipe) and FakeEngine (in-process, for tests
  * of everything above this seam). Both pass test/engine-conformance.ts.
  */
-import type { EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../protocol/engine.ts";
+import type {
+  ClearCacheResult,
+  EngineEvent,
+  GenerateResult,
+  HelloResult,
+  JobSpec,
+  LoadResult,
+  ModelSpec,
+} from "../protocol/engine.ts";
 
 export interface RequestOptions {
   /** Called with each event the engine streams for the request, in order. */
@@ -22,6 +30,8 @@ export interface EngineClient {
   load(model: ModelSpec, options?: Omit<RequestOptions, "signal">): Promise<LoadResult>;
   /** Runs one job on the loaded model; streams phase and step events. */
   generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult>;
+  /** Drops the engine's cached prompt embeddings (after the jobs before it); says how many bytes they held. */
+  clearCache(): Promise<ClearCacheResult>;
   /**
    * Asks the engine to shut down and waits for it, killing it after a grace period. Idempotent.
    * A running generate ends with CANCELLED (ENGINE_CLOSED where the engine had to be killed);

@@ -18,6 +18,7 @@ import {
   JobSpec,
   ModelSpec,
   PROTOCOL_VERSION,
+  type ClearCacheResult,
   type DeviceInfo,
   type EngineEvent,
   type GenerateResult,
@@ -38,12 +39,16 @@ export interface FakeEngineOptions {
 
 /** The model's native frame rate the fake reports (Wan's). */
 const FAKE_FPS = 16;
+/** Bytes the fake counts per cached prompt embedding (Wan's 512 x 4096 bf16 tensor). */
+const FAKE_EMBEDDING_BYTES = 512 * 4096 * 2;
 
 export class FakeEngine implements EngineClient {
   readonly #devices: DeviceInfo[];
   readonly #stepMs: number;
   readonly #ffmpeg: string;
   #loaded: ModelSpec | null = null;
+  /** Prompts "encoded" since the model was loaded, as the engine's embedding cache keeps them. */
+  #cachedPrompts = new Set<string>();
   #closed = false;
   /** Jobs run one at a time, like the real worker's loop. */
   #queue: Promise<unknown> = Promise.resolve();
@@ -80,9 +85,19 @@ export class FakeEngine implements EngineClient {
     return this.#serial(() => this.#generate(job, options));
   }
 
+  clearCache(): Promise<ClearCacheResult> {
+    return this.#serial(async () => {
+      this.#checkOpen();
+      const freedBytes = this.#cachedPrompts.size * FAKE_EMBEDDING_BYTES;
+      this.#cachedPrompts.clear();
+      return { freedBytes };
+    });
+  }
+
   async close(): Promise<void> {
     this.#closed = true;
     this.#loaded = null;
+    this.#cachedPrompts.clear();
     await this.#queue.catch(() => {});
   }
 
@@ -107,6 +122,7 @@ export class FakeEngine implements EngineClient {
       });
     }
     this.#loaded = null;
+    this.#cachedPrompts.clear();
     const emit = (event: EngineEvent) => options.onEvent?.(event);
     emit({ kind: "phase", phase: "load", state: "start", ms: null });
     const components: LoadResult["components"] = [];
@@ -162,7 +178,17 @@ export class FakeEngine implements EngineClient {
     };
     const fps = job.fps ?? FAKE_FPS;
     const pattern = { width: job.width, height: job.height, frames: job.frames, fps };
-    await phase("text_encode", () => sleep(1));
+    const cache = { promptHits: 0, promptMisses: 0 };
+    await phase("text_encode", async () => {
+      for (const text of job.guidance > 1 ? [job.prompt, job.negativePrompt] : [job.prompt]) {
+        if (this.#cachedPrompts.has(text)) cache.promptHits++;
+        else {
+          cache.promptMisses++;
+          this.#cachedPrompts.add(text);
+          await sleep(1);
+        }
+      }
+    });
     await phase("denoise", async () => {
       for (let i = 1; i <= job.steps; i++) {
         checkCancel("denoise");
@@ -195,6 +221,7 @@ export class FakeEngine implements EngineClient {
       secondsPerStep: ms.denoise / job.steps / 1000,
       peakVramBytes: model.device === "cuda" ? 0 : null,
       peakRamBytes: process.memoryUsage().rss,
+      cache,
     };
   }
 }

@@ -18,6 +18,7 @@ import {
   EngineRequest,
   PROTOCOL_VERSION,
   ResultFor,
+  type ClearCacheResult,
   type GenerateResult,
   type HelloResult,
   type JobSpec,
@@ -165,6 +166,10 @@ export class SubprocessEngine implements EngineClient {
     };
     signal?.addEventListener("abort", cancel, { once: true });
     return this.#request("generate", { job }, options, id).finally(() => signal?.removeEventListener("abort", cancel));
+  }
+
+  clearCache(): Promise<ClearCacheResult> {
+    return this.#request("clear_cache", {});
   }
 
   close(): Promise<void> {

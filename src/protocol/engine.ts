@@ -110,6 +110,8 @@ export const HelloRequest = z.object({ type: z.literal("hello"), id: Id, protoco
 export const LoadRequest = z.object({ type: z.literal("load"), id: Id, model: ModelSpec });
 export const GenerateRequest = z.object({ type: z.literal("generate"), id: Id, job: JobSpec });
 export const CancelRequest = z.object({ type: z.literal("cancel"), id: Id, target: Id });
+/** Drops the engine's cached prompt embeddings (e.g. to give their device memory back). */
+export const ClearCacheRequest = z.object({ type: z.literal("clear_cache"), id: Id });
 export const ShutdownRequest = z.object({ type: z.literal("shutdown"), id: Id });
 
 export const EngineRequest = z.discriminatedUnion("type", [
@@ -117,6 +119,7 @@ export const EngineRequest = z.discriminatedUnion("type", [
   LoadRequest,
   GenerateRequest,
   CancelRequest,
+  ClearCacheRequest,
   ShutdownRequest,
 ]);
 export type EngineRequest = z.infer<typeof EngineRequest>;
@@ -191,10 +194,20 @@ export const GenerateResult = z.object({
   peakVramBytes: Bytes.nullable(),
   /** Peak resident set size of the engine process. */
   peakRamBytes: Bytes,
+  /**
+   * The engine's caches during this job: prompt embeddings served from the cache (hits) or encoded
+   * (misses), counting the negative prompt when guidance runs. Absent from engines that predate it.
+   */
+  cache: z
+    .object({ promptHits: z.number().int().nonnegative(), promptMisses: z.number().int().nonnegative() })
+    .optional(),
 });
 export type GenerateResult = z.infer<typeof GenerateResult>;
 
 export const CancelResult = z.object({ cancelled: z.boolean() });
+/** Bytes the dropped cache entries held (device memory where the model runs on a GPU). */
+export const ClearCacheResult = z.object({ freedBytes: Bytes });
+export type ClearCacheResult = z.infer<typeof ClearCacheResult>;
 export const ShutdownResult = z.object({});
 
 /** Which result schema answers which request. */
@@ -203,6 +216,7 @@ export const ResultFor = {
   load: LoadResult,
   generate: GenerateResult,
   cancel: CancelResult,
+  clear_cache: ClearCacheResult,
   shutdown: ShutdownResult,
 } as const;
 export type ResultFor = { [K in RequestType]: z.infer<(typeof ResultFor)[K]> };
