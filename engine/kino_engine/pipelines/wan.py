@@ -11,6 +11,12 @@ Shapes, with B=1 batch, C latent channels, F/H/W frames/height/width, L=512 text
   noise/latents (B, C, (F-1)//st + 1, H//ss, W//ss) float32;  embeddings (B, L, D);
   decoded video (B, 3, F, H, W) in [-1, 1];  frames (F, H, W, 3) uint8.
 
+The hot path (runtime/): `load(..., runtime=RuntimeOptions(...))` applies the exact optimizations
+from outside the model (attention backend -> regional compile); `denoise` runs without host syncs
+(CUDA events time the steps, the UniPC step is tabulated, guidance buffers are preallocated) and, by
+default, with cond and uncond as one batch-2 forward. `prewarm(job)` runs one forward at a job's shape
+so compile and the attention choice happen before the first request.
+
 It knows nothing about the protocol's transport, output files or memory reporting: progress goes to
 callbacks, cancellation comes from `is_cancelled()`, checked between steps.
 """
@@ -31,6 +37,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..checkpoint import inspect_checkpoint
 from ..protocol import CheckpointSource, EngineFailure, JobSpec, ModelSpec, Phase
+from ..runtime.attention import AttentionShape
+from ..runtime.hotloop import GuidanceBuffers, StepTimer, make_stepper
+from ..runtime.optimize import Runtime, optimize
+from ..runtime.options import RuntimeOptions
 from ..system import resolve_device, torch_dtype
 from .wan_components import (
     TEXT_ENCODER_MAX_LENGTH,
@@ -78,7 +88,13 @@ class WanT2V:
     fps = 16.0
     max_sequence_length = TEXT_ENCODER_MAX_LENGTH
 
-    def __init__(self, components: WanComponents, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        components: WanComponents,
+        device: torch.device,
+        dtype: torch.dtype,
+        runtime: RuntimeOptions | None = None,
+    ):
         self.transformer = components.transformer
         self.vae = components.vae
         self.text_encoder = components.text_encoder
@@ -87,10 +103,14 @@ class WanT2V:
         self.scheduler_config = dict(components.scheduler_config)
         self.device = device
         self.dtype = dtype
+        self.runtime: Runtime = optimize(self.transformer, device, dtype, runtime or RuntimeOptions())
 
     @classmethod
-    def load(cls, spec: ModelSpec, on_progress: OnProgress | None = None) -> WanT2V:
-        """Build from a checkpoint folder (validated first) or a random-weight architecture."""
+    def load(
+        cls, spec: ModelSpec, on_progress: OnProgress | None = None, runtime: RuntimeOptions | None = None
+    ) -> WanT2V:
+        """Build from a checkpoint folder (validated first) or a random-weight architecture, then
+        apply `runtime` (default RuntimeOptions()) to the transformer."""
         device = resolve_device(spec.device)
         dtype = torch_dtype(spec.dtype)
         progress = on_progress or (lambda component, done, total: None)
@@ -99,7 +119,7 @@ class WanT2V:
             components = load_checkpoint_components(checkpoint, device, dtype, progress)
         else:
             components = build_random_components(spec.source.architecture, spec.source.seed, device, dtype, progress)
-        return cls(components, device, dtype)
+        return cls(components, device, dtype, runtime)
 
     # ---- geometry ----
 
@@ -114,6 +134,28 @@ class WanT2V:
     @property
     def latent_channels(self) -> int:
         return int(self.transformer.config.in_channels)
+
+    def latent_shape(self, job: JobSpec) -> tuple[int, int, int, int, int]:
+        """(1, C, F', H', W') for the job's size."""
+        return (
+            1,
+            self.latent_channels,
+            (job.frames - 1) // self.vae_scale_temporal + 1,
+            job.height // self.vae_scale_spatial,
+            job.width // self.vae_scale_spatial,
+        )
+
+    def forward_batch(self, job: JobSpec) -> int:
+        """The transformer's batch per forward: 2 when guidance runs batched, else 1."""
+        return 2 if job.guidance > 1.0 and self.runtime.options.batched_cfg else 1
+
+    def attention_shape(self, job: JobSpec) -> AttentionShape:
+        """Self-attention's (B, heads, N tokens, head dim) for the job: N = F'/pt * H'/ph * W'/pw."""
+        _, _, frames, height, width = self.latent_shape(job)
+        patch_t, patch_h, patch_w = self.transformer.config.patch_size
+        tokens = (frames // patch_t) * (height // patch_h) * (width // patch_w)
+        config = self.transformer.config
+        return (self.forward_batch(job), int(config.num_attention_heads), tokens, int(config.attention_head_dim))
 
     def check_job(self, job: JobSpec) -> None:
         """Refuse sizes this model cannot produce exactly (never round them silently)."""
@@ -171,13 +213,7 @@ class WanT2V:
 
     def initial_latents(self, job: JobSpec) -> torch.Tensor:
         """Seeded noise (1, C, F', H', W') drawn on the CPU in float32, so a seed means one video everywhere."""
-        shape = (
-            1,
-            self.latent_channels,
-            (job.frames - 1) // self.vae_scale_temporal + 1,
-            job.height // self.vae_scale_spatial,
-            job.width // self.vae_scale_spatial,
-        )
+        shape = self.latent_shape(job)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
@@ -192,8 +228,10 @@ class WanT2V:
     ) -> torch.Tensor:
         """The flow-matching loop: latents (1, C, F', H', W') float32 after `job.steps` steps.
 
-        Classifier-free guidance (two forwards per step) runs when job.guidance > 1 and needs
-        `negative_embeds`. Raises EngineFailure(CANCELLED) between steps once is_cancelled().
+        Classifier-free guidance runs when job.guidance > 1 and needs `negative_embeds`: one forward of
+        batch 2 (RuntimeOptions.cfg "auto"/"batched") or two of batch 1 ("sequential"). Nothing in the
+        loop reads a device value on the host; `on_step` gets each step's device time (ms) once the GPU
+        has finished it. Raises EngineFailure(CANCELLED) between steps once is_cancelled().
         """
         guided = job.guidance > 1.0
         if guided and negative_embeds is None:
@@ -202,33 +240,63 @@ class WanT2V:
         scheduler.set_timesteps(job.steps, device=self.device)
         # Starting at index 0 explicitly spares the scheduler a device->host lookup of t at step 1.
         scheduler.set_begin_index(0)
-        timesteps = scheduler.timesteps
-        latents = self.initial_latents(job)
-        model_dtype = self.transformer.dtype
-        cond = prompt_embeds.to(model_dtype)
-        uncond = negative_embeds.to(model_dtype) if guided and negative_embeds is not None else None
+        timesteps = scheduler.timesteps  # (n,) on the device; timesteps[i] is a view, not a host read
         n = len(timesteps)
-        for i, t in enumerate(timesteps):
+        latents = self.initial_latents(job)  # (1, C, F', H', W') float32
+        self.runtime.prepare(self.attention_shape(job))
+        buffers = GuidanceBuffers(
+            latents, prompt_embeds, negative_embeds if guided else None, self.forward_batch(job), self.transformer.dtype
+        )
+        step, _ = make_stepper(scheduler, n)
+        timer = StepTimer(self.device, n, on_step, self.runtime.options.max_steps_ahead)
+        for i in range(n):
             if is_cancelled is not None and is_cancelled():
                 raise EngineFailure("CANCELLED", f"cancelled before step {i + 1} of {n}", phase="denoise")
-            started = time.perf_counter()
-            x = latents.to(model_dtype)  # (1, C, F', H', W')
-            timestep = t.expand(x.shape[0])  # (1,)
-            velocity = self.transformer(
-                hidden_states=x, timestep=timestep, encoder_hidden_states=cond, return_dict=False
-            )[0]
-            if uncond is not None:
-                velocity_uncond = self.transformer(
-                    hidden_states=x, timestep=timestep, encoder_hidden_states=uncond, return_dict=False
-                )[0]
-                velocity = velocity_uncond + job.guidance * (velocity - velocity_uncond)
-            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-            if on_step is not None:
-                _sync(self.device)
-                on_step(i + 1, n, (time.perf_counter() - started) * 1000.0)
+            timer.begin(i)
+            velocity = self._velocity(buffers, latents, timesteps[i], job.guidance if guided else None)
+            latents = step(velocity, latents)
+            timer.end(i)
+        timer.finish()
         if is_cancelled is not None and is_cancelled():
             raise EngineFailure("CANCELLED", f"cancelled after step {n} of {n}", phase="denoise")
         return latents
+
+    def _velocity(
+        self, buffers: GuidanceBuffers, latents: torch.Tensor, t: torch.Tensor, guidance: float | None
+    ) -> torch.Tensor:
+        """The (guided) model output (1, C, F', H', W') in the model dtype for latents at timestep t."""
+        x = buffers.load(latents)  # (B, C, F', H', W')
+        timestep = t.expand(buffers.batch)  # (B,)
+        out = self.transformer(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=buffers.embeds, return_dict=False
+        )[0]
+        if guidance is None:
+            return out
+        if buffers.batch == 2:
+            return buffers.guide(out[0:1], out[1:2], guidance)
+        uncond = self.transformer(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=buffers.uncond, return_dict=False
+        )[0]
+        return buffers.guide(out, uncond, guidance)
+
+    @torch.inference_mode()
+    def prewarm(self, job: JobSpec) -> float:
+        """One transformer forward at the job's shape (batch 2 if guidance runs batched), so the
+        attention choice, compilation and autotuning happen now rather than in the first request.
+        Uses zero embeddings and seeded noise (the values do not matter). Returns its wall ms."""
+        self.check_job(job)
+        started = time.perf_counter()
+        self.runtime.prepare(self.attention_shape(job))
+        scheduler = self.make_scheduler(job.shift)
+        scheduler.set_timesteps(job.steps, device=self.device)
+        latents = self.initial_latents(job)
+        config = self.transformer.config
+        embeds = torch.zeros((1, self.max_sequence_length, int(config.text_dim)), device=self.device)
+        guided = job.guidance > 1.0
+        buffers = GuidanceBuffers(latents, embeds, embeds if guided else None, self.forward_batch(job), self.transformer.dtype)
+        self._velocity(buffers, latents, scheduler.timesteps[0], job.guidance if guided else None)
+        _sync(self.device)
+        return (time.perf_counter() - started) * 1000.0
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:

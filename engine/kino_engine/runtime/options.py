@@ -1,0 +1,66 @@
+"""`RuntimeOptions`: the knobs of kino's exact (lossless) hot path, typed and frozen.
+
+One value is passed to `WanT2V.load(spec, on_progress, runtime=RuntimeOptions(...))` and applied by
+`runtime.optimize.optimize` in one order (attention backend -> compile). Defaults reproduce the plain
+path's numbers: every option here changes speed, never the math beyond float rounding.
+
+This module decides nothing about hardware; it only validates names and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+CfgMode = Literal["auto", "batched", "sequential"]
+CFG_MODES: tuple[str, ...] = ("auto", "batched", "sequential")
+#: Attention backend names; "auto" measures the exact ones and keeps the fastest (see runtime.attention).
+ATTENTION_NAMES: tuple[str, ...] = ("auto", "default", "cudnn", "flash", "efficient", "math")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How the denoising hot path runs. All choices are exact (bf16 in, bf16 math, no approximation)."""
+
+    cfg: CfgMode = "auto"
+    """Classifier-free guidance: "batched" = one forward of batch 2 (cond and uncond stacked);
+    "sequential" = two forwards of batch 1 (the plain path); "auto" = batched."""
+
+    attention: str = "auto"
+    """Scaled-dot-product attention backend by name: "default" (torch chooses per call), "cudnn",
+    "flash", "efficient", "math", or "auto" (measure the exact GPU backends once on the model's real
+    attention shape and keep the fastest; on CPU "auto" means "default")."""
+
+    compile: bool = False
+    """torch.compile the transformer's repeated blocks (regional compile, dynamic=False)."""
+
+    compile_fullgraph: bool = True
+    """Ask torch.compile for one graph per block (fails loudly on a graph break instead of slowing down)."""
+
+    cache_dir: Path | None = None
+    """Where the attention choice (attention.json) and the inductor cache (inductor/) persist across
+    processes; None keeps nothing on disk (every process measures and compiles again)."""
+
+    max_steps_ahead: int = 2
+    """How many denoising steps the host may queue ahead of the GPU before it waits for the oldest
+    one's end event (bounds the lag of progress events and cancellation; never stalls the GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.cfg not in CFG_MODES:
+            raise ValueError(f"RuntimeOptions.cfg must be one of {CFG_MODES}, got {self.cfg!r}")
+        if self.attention not in ATTENTION_NAMES:
+            raise ValueError(f"RuntimeOptions.attention must be one of {ATTENTION_NAMES}, got {self.attention!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"RuntimeOptions.compile must be a bool, got {self.compile!r}")
+        if not isinstance(self.compile_fullgraph, bool):
+            raise ValueError(f"RuntimeOptions.compile_fullgraph must be a bool, got {self.compile_fullgraph!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
+            raise ValueError(f"RuntimeOptions.cache_dir must be a pathlib.Path or None, got {self.cache_dir!r}")
+        if not isinstance(self.max_steps_ahead, int) or self.max_steps_ahead < 1:
+            raise ValueError(f"RuntimeOptions.max_steps_ahead must be an int >= 1, got {self.max_steps_ahead!r}")
+
+    @property
+    def batched_cfg(self) -> bool:
+        """Whether guided jobs run cond and uncond as one batch-2 forward."""
+        return self.cfg in ("auto", "batched")
