@@ -136,7 +136,7 @@ def tabulate_unipc(scheduler: SchedulerMixin, steps: int) -> list[UniPCRow]:
     unit = torch.eye(width, dtype=torch.float64)  # row j: slot j as a (batch 1, `width` channels) tensor
 
     def row(t: torch.Tensor | None) -> tuple[float, ...] | None:
-        return None if t is None else tuple(float(c) for c in t.reshape(width))
+        return None if t is None else tuple(t.reshape(width).tolist())
 
     rows = []
     for i in range(steps):
