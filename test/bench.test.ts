@@ -11,6 +11,7 @@ import { formatBenchSummary } from "../src/cli/bench.ts";
 import { resolveConfig } from "../src/config/config.ts";
 import { KinoError } from "../src/errors.ts";
 import { runKino } from "./fixtures/cli.ts";
+import { MINI_RUN, withMiniArchitecture } from "./fixtures/mini-spec.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
 
 const home = tempDir("kino-bench-");
@@ -49,20 +50,9 @@ test("spec: bad requests name the field", () => {
   }
 });
 
-/** A 2-layer stand-in of Wan's architecture: the same classes and fields at toy sizes. */
+/** The bench spec of a 2-layer stand-in of Wan's architecture (see fixtures/mini-spec.ts). */
 function miniSpec() {
-  const spec = benchSpec({ device: "cpu", dtype: "fp32", size: "64x64", frames: 9, steps: 3, warmupSteps: 1 }, provenance);
-  assert.equal(spec.model.source.kind, "random");
-  if (spec.model.source.kind !== "random") throw new Error("unreachable");
-  const arch = spec.model.source.architecture;
-  spec.model.source.architecture = {
-    ...arch,
-    transformer: { ...arch.transformer, num_layers: 2, num_attention_heads: 2, attention_head_dim: 12, ffn_dim: 32, text_dim: 32, rope_max_seq_len: 32 },
-    vae: { ...arch.vae, base_dim: 3, dim_mult: [1, 1, 1, 1], num_res_blocks: 1 },
-    textEncoder: { ...arch.textEncoder, d_model: 32, d_ff: 64, d_kv: 16, num_heads: 2, num_layers: 2, vocab_size: 1000 },
-    tokenizerVocabSize: 1000,
-  };
-  return spec;
+  return withMiniArchitecture(benchSpec(MINI_RUN, provenance));
 }
 
 let raw: BenchRaw | undefined;

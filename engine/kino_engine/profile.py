@@ -10,9 +10,10 @@ What runs: the model is loaded, its prompt cache installed as the engine does (s
 generation is a warm request, as a second request to the worker would be), a warm-up generation of
 `warmupSteps` steps with the same prompts runs untraced, then one generation of the job runs under
 torch.profiler (CPU, plus CUDA on a GPU). Ranges named kino/generate, kino/text_encode,
-kino/step N, kino/decode are opened from the outside through WanT2V.generate's on_phase/on_step
-callbacks (record_function, and NVTX on CUDA for Nsight). Note that passing on_step makes the loop
-synchronize once per step to time it: that sync is the engine's own and shows in the digest.
+kino/step N, kino/decode are opened from the outside through WanT2V.generate's callbacks: on_phase
+for the phases, is_cancelled (called before each step and after the last) for the steps, as the host
+runs them (record_function, and NVTX on CUDA for Nsight). A no-op on_step is passed, as the engine
+always passes one, so the loop's own step timing is profiled as it runs when served.
 
 The digest (`digest()`, a pure function of the trace's events) gives time by category, the top
 kernels and, for every denoising step after the first, the host syncs and device allocations in it;
@@ -197,13 +198,21 @@ def digest(
 
 
 class _Ranges:
-    """Named ranges around the phases and each denoising step, opened from the loop's callbacks."""
+    """Named ranges around the phases and each denoising step, opened from the loop's callbacks.
 
-    def __init__(self, device: torch.device):
+    Steps are delimited on the host by `is_cancelled`, which the loop calls before every step and
+    once after the last: that is where the host moves on to the next step. (`on_step` cannot delimit
+    them: on a GPU it reports a step only once the device has finished it, steps later.)
+    """
+
+    def __init__(self, device: torch.device, steps: int):
         self.cuda = device.type == "cuda"
         self.device = device
+        self.steps = steps
         self._open: list[Any] = []
-        #: Allocator counters at the start of denoising and at each step's end (CUDA only).
+        self._in_denoise = False
+        self._step = 0  # the step whose range is open, 0 for none
+        #: Allocator counters at the start of step 1 and at each step's end (CUDA only).
         self.counters: list[dict[str, int]] = []
 
     def push(self, name: str) -> None:
@@ -220,6 +229,7 @@ class _Ranges:
 
     def _sample(self) -> None:
         if self.cuda:
+            # Host-side counters of the caching allocator: no device sync needed to read them.
             stats = torch.cuda.memory_stats(self.device)
             self.counters.append(
                 {
@@ -229,20 +239,36 @@ class _Ranges:
                 }
             )
 
+
     def on_phase(self, phase: str, state: str, _ms: float | None) -> None:
         if state == "start":
             self.push(f"kino/{phase}")
-            if phase == "denoise":
+            self._in_denoise = phase == "denoise"
+            return
+        if phase == "denoise":
+            if self._step:  # a loop that did not check after its last step: close that step here
+                self.pop()
                 self._sample()
-                self.push("kino/step 1")
-        else:
-            self.pop()
+                self._step = 0
+            self._in_denoise = False
+        self.pop()
 
-    def on_step(self, i: int, n: int, _ms: float) -> None:
-        self.pop()  # kino/step i (the loop has synchronized before calling: the counters are final)
-        self._sample()
-        if i < n:
-            self.push(f"kino/step {i + 1}")
+    def is_cancelled(self) -> bool:
+        if not self._in_denoise:
+            return False
+        if self._step == 0 and not self.counters:
+            self._sample()  # the start of step 1
+        done = self._step
+        if done:
+            self.pop()
+            self._sample()
+        if done < self.steps:
+            self._step = done + 1
+            self.push(f"kino/step {self._step}")
+        else:
+            self._step = 0
+            self._in_denoise = False  # the check after the last step: nothing more to delimit
+        return False
 
     def allocations(self) -> dict[int, dict[str, int]] | None:
         """Step number -> growth of the allocator counters during that step."""
@@ -261,10 +287,11 @@ def profile_generation(model: WanT2V, job: JobSpec, trace_path: str) -> dict[str
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize(model.device)
-    ranges = _Ranges(model.device)
+    ranges = _Ranges(model.device, job.steps)
     with torch.profiler.profile(activities=activities) as prof:
         ranges.push("kino/generate")
-        model.generate(job, on_phase=ranges.on_phase, on_step=ranges.on_step)
+        # A no-op on_step: the engine always passes one, so its step timing runs as it does when served.
+        model.generate(job, on_phase=ranges.on_phase, on_step=lambda i, n, ms: None, is_cancelled=ranges.is_cancelled)
         ranges.pop()
     prof.export_chrome_trace(trace_path)
     with open(trace_path, encoding="utf-8") as f:

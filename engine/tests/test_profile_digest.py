@@ -87,3 +87,32 @@ def test_on_the_cpu_gpu_fields_are_null() -> None:
 def test_a_trace_without_the_generation_range_is_refused() -> None:
     with pytest.raises(ValueError, match="kino/generate"):
         digest([X("kernel", "gemm", 0, 10)], cuda=True)
+
+
+@pytest.mark.parametrize("check_after_last", [True, False])
+def test_step_ranges_follow_the_loops_checks(check_after_last: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop calls is_cancelled before each step (and, today, once after the last); each call
+    moves the step range on, and the end of denoising closes whatever is still open."""
+    import torch
+
+    from kino_engine.profile import _Ranges
+
+    ranges = _Ranges(torch.device("cpu"), steps=3)
+    log: list[str] = []
+    monkeypatch.setattr(ranges, "push", lambda name: log.append(f"+{name}"))
+    monkeypatch.setattr(ranges, "pop", lambda: log.append("-"))
+    ranges.on_phase("text_encode", "start", None)
+    ranges.on_phase("text_encode", "end", 1.0)
+    ranges.on_phase("denoise", "start", None)
+    for _ in range(3):
+        assert ranges.is_cancelled() is False, "profiling must never cancel the job"
+    if check_after_last:
+        ranges.is_cancelled()
+    ranges.on_phase("denoise", "end", 1.0)
+    ranges.on_phase("decode", "start", None)
+    assert ranges.is_cancelled() is False
+    ranges.on_phase("decode", "end", 1.0)
+    assert log == [
+        "+kino/text_encode", "-", "+kino/denoise", "+kino/step 1", "-", "+kino/step 2", "-", "+kino/step 3", "-", "-",
+        "+kino/decode", "-",
+    ]

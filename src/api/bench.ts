@@ -22,7 +22,8 @@ import { DTYPE_NAMES, parseSize } from "./generate-options.ts";
 
 export const BENCH_PROMPT = "A cat walks on the grass, realistic";
 
-export const BenchOptions = z.object({
+/** The model and job options of a random-weight run, shared by `kino bench` and `kino profile`. */
+export const RandomRunOptions = z.object({
   /** A catalog id with an architecture. @default wan2.1-t2v-1.3b */
   model: z.string().default(WAN21_1_3B_ID),
   /** @default the model's (832x480) */
@@ -43,6 +44,10 @@ export const BenchOptions = z.object({
   device: z.enum(["cuda", "cpu"]).default("cuda"),
   /** @default bf16 */
   dtype: z.enum(["bf16", "fp16", "fp32"]).default("bf16"),
+});
+export type RandomRunOptions = z.input<typeof RandomRunOptions>;
+
+export const BenchOptions = RandomRunOptions.extend({
   /** Steps of the untimed warm-up generation of each system. @default 2 */
   warmupSteps: z.number().int().positive().default(2),
   /** Timed generations of each system (the summary takes medians). @default 1 */
@@ -52,15 +57,21 @@ export const BenchOptions = z.object({
 });
 export type BenchOptions = z.input<typeof BenchOptions>;
 
+/** A job without outputs: what the engine's measuring tools run. */
+export const RunJob = JobSpec.omit({ output: true });
+export type RunJob = z.infer<typeof RunJob>;
+
+/** Provenance, carried with a spec so a result measured elsewhere is still attributable. */
+export const ProvenanceSchema = z.object({ command: z.string(), commit: z.string().nullable(), dirty: z.boolean().nullable() });
+
 /** What the engine's bench tool takes. */
 export const BenchSpec = z.object({
   model: ModelSpec,
-  job: JobSpec.omit({ output: true }),
+  job: RunJob,
   warmupSteps: z.number().int().positive(),
   generations: z.number().int().positive(),
   reference: z.enum(["diffusers"]).nullable(),
-  /** Provenance, carried with the spec so a result measured elsewhere is still attributable. */
-  provenance: z.object({ command: z.string(), commit: z.string().nullable(), dirty: z.boolean().nullable() }),
+  provenance: ProvenanceSchema,
 });
 export type BenchSpec = z.infer<typeof BenchSpec>;
 
@@ -108,6 +119,18 @@ export interface Provenance {
 /** The engine spec for `options`: the catalog architecture with random weights and the model's defaults. */
 export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpec {
   const o = BenchOptions.parse(input);
+  return BenchSpec.parse({
+    ...randomRun(o),
+    warmupSteps: o.warmupSteps,
+    generations: o.generations,
+    reference: o.reference ? "diffusers" : null,
+    provenance,
+  });
+}
+
+/** The model (a catalog architecture with random weights) and the job (the model's defaults under the options). */
+export function randomRun(input: RandomRunOptions): { model: ModelSpec; job: RunJob } {
+  const o = RandomRunOptions.parse(input);
   const model = findCatalogModel(o.model);
   if (model === undefined) {
     throw new KinoError("UNKNOWN_MODEL", `"${o.model}" is not in the catalog; known: ${catalogIds().join(", ")}`, { field: "model" });
@@ -121,7 +144,7 @@ export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpe
   if ((frames - 1) % model.shape.temporalMultiple !== 0) {
     throw new KinoError("INVALID_ARGUMENT", `must be of the form ${model.shape.temporalMultiple}k+1 (e.g. 81); got ${frames}`, { field: "frames" });
   }
-  return BenchSpec.parse({
+  return {
     model: {
       name: model.id,
       source: { kind: "random", architecture: model.architecture, seed: 0 },
@@ -140,11 +163,7 @@ export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpe
       seed: o.seed,
       fps: d.fps,
     },
-    warmupSteps: o.warmupSteps,
-    generations: o.generations,
-    reference: o.reference ? "diffusers" : null,
-    provenance,
-  });
+  };
 }
 
 /** The commit of the repository kino runs from, and whether the tree differs from it; nulls outside git. */
