@@ -31,7 +31,9 @@ class FakeMeasure:
         self.unsupported = unsupported
         self.calls: list[str] = []
 
-    def __call__(self, backend: attn.AttentionBackend, shape: attn.AttentionShape, dtype: torch.dtype, device: torch.device) -> float:
+    def __call__(
+        self, backend: attn.AttentionBackend, shape: attn.AttentionShape, dtype: torch.dtype, device: torch.device
+    ) -> float:
         self.calls.append(backend.name)
         if backend.name in self.unsupported:
             raise RuntimeError(f"No available kernel for {backend.name}")

@@ -293,7 +293,9 @@ class WanT2V:
         config = self.transformer.config
         embeds = torch.zeros((1, self.max_sequence_length, int(config.text_dim)), device=self.device)
         guided = job.guidance > 1.0
-        buffers = GuidanceBuffers(latents, embeds, embeds if guided else None, self.forward_batch(job), self.transformer.dtype)
+        buffers = GuidanceBuffers(
+            latents, embeds, embeds if guided else None, self.forward_batch(job), self.transformer.dtype
+        )
         self._velocity(buffers, latents, scheduler.timesteps[0], job.guidance if guided else None)
         _sync(self.device)
         return (time.perf_counter() - started) * 1000.0

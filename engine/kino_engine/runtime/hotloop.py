@@ -255,6 +255,6 @@ class GuidanceBuffers:
         return self.x
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-        """uncond + scale * (cond - uncond), as diffusers computes it (same dtype and rounding), into a reused buffer."""
+        """uncond + scale * (cond - uncond) into a reused buffer, with diffusers' dtype and rounding."""
         torch.sub(cond, uncond, out=self.guided)
         return self.guided.mul_(scale).add_(uncond)

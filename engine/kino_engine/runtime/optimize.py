@@ -43,7 +43,9 @@ class Runtime:
         return self.choices[shape]
 
 
-def optimize(transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype, options: RuntimeOptions) -> Runtime:
+def optimize(
+    transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype, options: RuntimeOptions
+) -> Runtime:
     """attention backend -> compile, applied to `transformer` in place; logged."""
     # 1. Attention. A named backend is checked against the device now (shape does not matter); "auto"
     #    starts as torch's default and is resolved per shape by Runtime.prepare.

@@ -3,7 +3,8 @@
 `SyncDetector` is a TorchDispatchMode: inside `with SyncDetector() as d:` every aten call is seen,
 and those that read a device value on the host (`.item()`, `float()`, `bool()` -> _local_scalar_dense;
 nonzero, masked_select, unique, repeat_interleave without output_size, equal, allclose,
-linalg's error checks as in torch.linalg.solve) or copy between devices (a blocking pageable copy) are recorded in `d.syncs`.
+linalg's error checks as in torch.linalg.solve) or copy between devices (a blocking pageable copy)
+are recorded in `d.syncs`.
 It works on CPU too, where those ops cost nothing but name the same code paths that stall a GPU, so
 tests can hold the loop to zero without one. It cannot see CUDA-runtime waits outside aten
 (event.synchronize, torch.cuda.synchronize), which are explicit in the code.
