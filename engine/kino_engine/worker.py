@@ -175,19 +175,26 @@ class Worker:
             result = self._dispatch(request, token)
         except EngineFailure as failure:
             failed = True
+            self._forget(request.id)
             self._report(request.id, failure)
         except Exception as exc:  # a bug in the worker itself; the engine classifies its own
             failed = True
+            self._forget(request.id)
             self._report(request.id, EngineFailure("INTERNAL", f"{type(exc).__name__}: {exc}"), exc)
         else:
+            self._forget(request.id)
             self._send(result_message(request.id, result))
         finally:
-            with self._lock:
-                self._jobs.pop(request.id, None)
+            self._forget(request.id)
         if failed:
             # Outside the except blocks: the failure's traceback (and the tensors its frames held)
             # is gone, so the memory can actually be returned.
             free_device_memory()
+
+    def _forget(self, request_id: str) -> None:
+        # Before the answer goes out: a cancel that arrives after it must find nothing to cancel.
+        with self._lock:
+            self._jobs.pop(request_id, None)
 
     def _report(self, request_id: str, failure: EngineFailure, exc: BaseException | None = None) -> None:
         if failure.code == "CANCELLED":
