@@ -27,11 +27,14 @@ test("spec: the 1.3B architecture with random weights and Wan's 480p defaults", 
     [spec.job.width, spec.job.height, spec.job.frames, spec.job.steps, spec.job.guidance, spec.job.shift],
     [832, 480, 81, 50, 5, 3],
   );
-  assert.equal(spec.reference, "diffusers");
+  assert.deepEqual(spec.references, ["diffusers", "diffusers-compiled"], "on cuda both references by default");
+  assert.deepEqual(spec.kinoRuntime, { cfg: "auto", attention: "auto", compile: true });
   assert.deepEqual(spec.provenance, provenance, "a result measured elsewhere must still say which command and commit made it");
   const big = benchSpec({ model: "wan2.1-t2v-14b", size: "1280x720", reference: false }, provenance);
   assert.equal(big.model.source.kind === "random" && big.model.source.architecture.transformer.num_layers, 40);
-  assert.deepEqual([big.job.width, big.job.height, big.reference], [1280, 720, null]);
+  assert.deepEqual([big.job.width, big.job.height, big.references], [1280, 720, ["diffusers-compiled"]]);
+  const cpu = benchSpec({ device: "cpu", compile: false }, provenance);
+  assert.deepEqual([cpu.references, cpu.kinoRuntime.compile], [["diffusers"], false], "no compiled reference or compile by default on the CPU");
 });
 
 test("spec: bad requests name the field", () => {
@@ -63,16 +66,17 @@ test("the engine's bench tool measures kino and diffusers on the same components
   const kino = raw.runs.kino[0]!;
   const diffusers = raw.runs.diffusers?.[0];
   assert.ok(diffusers, "the reference run is missing");
-  // CFG (guidance 5) means two forwards per step, in both loops; a probe that missed forwards or
-  // counted the warm-up would break these counts.
-  assert.equal(kino.forward.n, 2 * spec.job.steps);
-  assert.equal(diffusers.forward.n, 2 * spec.job.steps);
+  // CFG (guidance 5): kino runs one batch-2 forward per step, diffusers two of batch 1; a probe that
+  // missed forwards or counted the warm-up would break these counts.
+  assert.deepEqual([kino.forward.n, kino.forwardBatch], [spec.job.steps, 2]);
+  assert.deepEqual([diffusers.forward.n, diffusers.forwardBatch], [2 * spec.job.steps, 1]);
   assert.equal(kino.step.n, spec.job.steps);
   assert.equal(diffusers.step.n, spec.job.steps);
   assert.ok(kino.wallS >= (kino.phasesS.denoise ?? Infinity), "a generation cannot take less than its denoising");
   const f = raw.summary.forwardS;
   assert.ok(f.kino !== null && f.diffusers !== null && f.ratio !== null);
   assert.ok(Math.abs(f.ratio - f.kino / f.diffusers) < 1e-9, "the ratio is kino / diffusers");
+  assert.ok(Math.abs(f.kino - kino.forward.medianS! / 2) < 1e-12, "a batch-2 forward counts as two of batch 1");
   assert.equal(raw.summary.peakVramBytes.kino, null, "no VRAM on the CPU");
   assert.equal(raw.videoTokens, 3 * 4 * 4, "64x64x9 → latents 3×8×8 → patches 3×4×4");
   assert.deepEqual(raw.spec.provenance, provenance);
@@ -85,8 +89,8 @@ test("a report is recorded with its provenance, and read back from a raw file", 
   assert.match(path, /2026-11-22-cpu-wan2\.1-t2v-1\.3b-64x64x9-3steps\.json$/);
   assert.deepEqual(JSON.parse(readFileSync(path, "utf8")), JSON.parse(JSON.stringify(report)));
   const table = formatBenchSummary(report);
-  assert.match(table, /per forward, batch 1 \(median\) +\d+\.\d{3} s +\d+\.\d{3} s +\d+\.\d{3}×/);
-  assert.match(table, /peak VRAM +— +— +—/);
+  assert.match(table, /per forward, batch 1 \(median\) +\d+\.\d{3} s +\d+\.\d{3} s +— +\d+\.\d{3}× +—/);
+  assert.match(table, /peak VRAM +— +— +— +— +—/);
 
   const rawPath = join(home, "raw.json");
   writeFileSync(rawPath, JSON.stringify({ ok: true, result: raw }));

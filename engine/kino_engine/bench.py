@@ -2,7 +2,8 @@
 
 Reads a JSON spec from `--spec FILE` or stdin (what `kino bench` builds from the catalog):
   {"model": ModelSpec, "job": JobSpec without output, "warmupSteps": 2, "generations": 1,
-   "reference": "diffusers" | null, "provenance": {...}}
+   "references": ["diffusers", "diffusers-compiled"], "kinoRuntime": {cfg, attention, compile},
+   "cacheDir": str | null, "provenance": {...}}
 and prints one JSON line last on stdout: {"ok": true, "result": {...}} or {"ok": false, "error": {...}}.
 Progress goes to stderr.
 
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 from dataclasses import replace
 from typing import Any, Callable
 
@@ -40,6 +42,8 @@ import torch
 from . import __version__
 from .floor import measure_floor
 from .pipelines.wan import WanT2V
+from .runtime.optimize import optimize
+from .runtime.options import RuntimeOptions
 from .protocol import EngineFailure, JobOutput, JobSpec, parse_job_spec, parse_model_spec
 from .video import encode_mp4
 
@@ -262,16 +266,36 @@ def _ratio(kino: float | None, reference: float | None) -> float | None:
     return kino / reference
 
 
+#: The reference systems the bench knows: diffusers' WanPipeline as it comes ("diffusers"), and the
+#: same pipeline at its best documented settings ("diffusers-compiled": the transformer's repeated
+#: blocks compiled and the fastest exact attention backend), which it gets by running over the
+#: transformer after kino optimized it (the same torch.compile of the same blocks, the same backend).
+REFERENCES = ("diffusers", "diffusers-compiled")
+
+
+def _runtime_options(values: dict[str, Any] | None, cache_dir: str | None) -> RuntimeOptions:
+    values = values or {}
+    return RuntimeOptions(
+        cfg=values.get("cfg", "auto"),
+        attention=values.get("attention", "auto"),
+        compile=bool(values.get("compile", False)),
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     model_spec = parse_model_spec(spec["model"])
     job = parse_job_spec({**spec["job"], "output": {"video": None, "framesDir": None}})
     warmup_steps = int(spec.get("warmupSteps", 2))
     generations = int(spec.get("generations", 1))
-    reference = spec.get("reference", "diffusers")
+    references = [r for r in spec.get("references", ["diffusers"]) if r in REFERENCES]
+    kino_options = _runtime_options(spec.get("kinoRuntime"), spec.get("cacheDir"))
 
     log(f"building {model_spec.name} ({model_spec.source.kind}) on {model_spec.device} in {model_spec.dtype}")
     started = time.perf_counter()
-    model = WanT2V.load(model_spec)
+    # Built plain (eager, torch's default attention, sequential CFG) so that diffusers' default run
+    # sees the model as diffusers would load it; kino's optimizations are applied after that run.
+    model = WanT2V.load(model_spec, runtime=RuntimeOptions(cfg="sequential", attention="default", compile=False))
     _sync(model.device)
     load_s = time.perf_counter() - started
     device = model.device
@@ -282,20 +306,35 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "latentShape": list(model.initial_latents(job).shape),
         "videoTokens": _video_tokens(model, job),
     }
-    pipe = diffusers_pipeline(model) if reference == "diffusers" else None
-    runs: dict[str, list[dict[str, Any]]] = {"kino": [], "diffusers": []}
+    pipe = diffusers_pipeline(model) if references else None
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ("kino", *REFERENCES)}
+    warm = replace(job, steps=warmup_steps)
+
+    def optimize_kino() -> None:
+        log(f"kino: optimize {kino_options} and prewarm")
+        begun = time.perf_counter()
+        model.runtime = optimize(model.transformer, device, model.dtype, kino_options)
+        result["kinoPrewarmS"] = model.prewarm(job) / 1000.0
+        result["kinoOptimizeS"] = time.perf_counter() - begun
+        result["kinoAttention"] = {str(k): v.backend.name for k, v in model.runtime.choices.items()}
+
     with tempfile.TemporaryDirectory(prefix="kino-bench-") as scratch:
-        warm = replace(job, steps=warmup_steps)
-        systems: list[tuple[str, Callable[[JobSpec, str], dict[str, Any]]]] = [
-            ("kino", lambda j, p: run_kino(model, j, p)),
-        ]
-        if pipe is not None:
-            systems.insert(0, ("diffusers", lambda j, p: run_diffusers(model, pipe, j, p)))
-        for name, go in systems:
+        # Phases in order: diffusers as it comes, then kino's optimizations applied in place, then
+        # diffusers over the optimized transformer. Each system warms up right before it is timed.
+        phases: list[tuple[str, Callable[[JobSpec, str], dict[str, Any]], Callable[[], None] | None]] = []
+        if "diffusers" in references:
+            phases.append(("diffusers", lambda j, p: run_diffusers(model, pipe, j, p), None))
+        phases.append(("kino", lambda j, p: run_kino(model, j, p), optimize_kino))
+        if "diffusers-compiled" in references:
+            phases.append(("diffusers-compiled", lambda j, p: run_diffusers(model, pipe, j, p), None))
+        for name, go, before in phases:
+            if before is not None:
+                before()
             log(f"warm-up: {name}, {warmup_steps} steps")
+            begun = time.perf_counter()
             go(warm, os.path.join(scratch, f"warm-{name}.mp4"))
-        for round_index in range(generations):
-            for name, go in systems:
+            result.setdefault("warmupS", {})[name] = time.perf_counter() - begun
+            for round_index in range(generations):
                 log(f"timed generation {round_index + 1}/{generations}: {name}, {job.steps} steps")
                 measured = go(job, os.path.join(scratch, f"{name}-{round_index}.mp4"))
                 log(f"  {name}: {measured['wallS']:.2f} s wall, {measured['step'].get('medianS', 0):.3f} s/step")
@@ -311,6 +350,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             entry["floor"] = floor["floorS"] * per
             entry["kinoOverFloor"] = _ratio(entry["kino"], entry["floor"])
             entry["diffusersOverFloor"] = _ratio(entry["diffusers"], entry["floor"])
+            entry["diffusersCompiledOverFloor"] = _ratio(entry["diffusersCompiled"], entry["floor"])
     return result
 
 
@@ -341,8 +381,14 @@ def _summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     }
     out: dict[str, Any] = {}
     for key, pick in picks.items():
-        kino, ref = median("kino", pick), median("diffusers", pick)
-        out[key] = {"kino": kino, "diffusers": ref, "ratio": _ratio(kino, ref)}
+        kino, ref, best = median("kino", pick), median("diffusers", pick), median("diffusers-compiled", pick)
+        out[key] = {
+            "kino": kino,
+            "diffusers": ref,
+            "ratio": _ratio(kino, ref),
+            "diffusersCompiled": best,
+            "ratioCompiled": _ratio(kino, best),
+        }
     return out
 
 

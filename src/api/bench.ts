@@ -52,8 +52,18 @@ export const BenchOptions = RandomRunOptions.extend({
   warmupSteps: z.number().int().positive().default(2),
   /** Timed generations of each system (the summary takes medians). @default 1 */
   generations: z.number().int().positive().default(1),
-  /** Measure diffusers' WanPipeline beside kino. @default true */
+  /** Measure diffusers' WanPipeline as it comes beside kino. @default true */
   reference: z.boolean().default(true),
+  /** Also measure diffusers at its best settings (regional compile, fastest attention). @default true on cuda */
+  compiledReference: z.boolean().optional(),
+  /** kino's hot path: attention backend ("auto" measures once per GPU and shape). @default auto */
+  attention: z.enum(["auto", "default", "cudnn", "flash", "efficient", "math"]).default("auto"),
+  /** kino's hot path: classifier-free guidance as one batch-2 forward or two. @default auto (batched) */
+  cfg: z.enum(["auto", "batched", "sequential"]).default("auto"),
+  /** kino's hot path: regional torch.compile of the transformer blocks. @default true on cuda */
+  compile: z.boolean().optional(),
+  /** Where the attention choice and the inductor cache persist; null persists nothing. */
+  cacheDir: z.string().nullable().default(null),
 });
 export type BenchOptions = z.input<typeof BenchOptions>;
 
@@ -70,7 +80,14 @@ export const BenchSpec = z.object({
   job: RunJob,
   warmupSteps: z.number().int().positive(),
   generations: z.number().int().positive(),
-  reference: z.enum(["diffusers"]).nullable(),
+  /** The reference systems, measured in this order around kino (see engine/kino_engine/bench.py). */
+  references: z.array(z.enum(["diffusers", "diffusers-compiled"])),
+  kinoRuntime: z.object({
+    cfg: z.enum(["auto", "batched", "sequential"]),
+    attention: z.enum(["auto", "default", "cudnn", "flash", "efficient", "math"]),
+    compile: z.boolean(),
+  }),
+  cacheDir: z.string().nullable(),
   provenance: ProvenanceSchema,
 });
 export type BenchSpec = z.infer<typeof BenchSpec>;
@@ -80,6 +97,8 @@ const Run = z.looseObject({
   wallS: z.number(),
   phasesS: z.record(z.string(), z.number()),
   forward: Stat,
+  /** Batch of the model's forwards (2 when CFG runs batched). */
+  forwardBatch: z.number().int().positive().optional(),
   step: Stat,
   peakVramBytes: z.number().nullable(),
 });
@@ -87,10 +106,13 @@ const Compared = z.object({
   kino: z.number().nullable(),
   diffusers: z.number().nullable(),
   ratio: z.number().nullable(),
+  diffusersCompiled: z.number().nullable().optional(),
+  ratioCompiled: z.number().nullable().optional(),
   /** The floor (GEMMs + attention alone, measured in the same run) where the bench measured one. */
   floor: z.number().optional(),
   kinoOverFloor: z.number().nullable().optional(),
   diffusersOverFloor: z.number().nullable().optional(),
+  diffusersCompiledOverFloor: z.number().nullable().optional(),
 });
 
 /** What the engine's bench tool answers (the parts the report relies on; the rest is kept as is). */
@@ -99,7 +121,7 @@ export const BenchRaw = z.looseObject({
   spec: BenchSpec,
   loadS: z.number(),
   videoTokens: z.number(),
-  runs: z.looseObject({ kino: z.array(Run), diffusers: z.array(Run).optional() }),
+  runs: z.looseObject({ kino: z.array(Run), diffusers: z.array(Run).optional(), "diffusers-compiled": z.array(Run).optional() }),
   summary: z.object({ forwardS: Compared, stepS: Compared, generationS: Compared, peakVramBytes: Compared }),
 });
 export type BenchRaw = z.infer<typeof BenchRaw>;
@@ -123,7 +145,12 @@ export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpe
     ...randomRun(o),
     warmupSteps: o.warmupSteps,
     generations: o.generations,
-    reference: o.reference ? "diffusers" : null,
+    references: [
+      ...(o.reference ? (["diffusers"] as const) : []),
+      ...((o.compiledReference ?? o.device === "cuda") ? (["diffusers-compiled"] as const) : []),
+    ],
+    kinoRuntime: { cfg: o.cfg, attention: o.attention, compile: o.compile ?? o.device === "cuda" },
+    cacheDir: o.cacheDir,
     provenance,
   });
 }

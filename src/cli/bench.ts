@@ -1,6 +1,6 @@
 /** `kino bench`: measure kino against diffusers in one run on this machine's GPU, and record it. */
-import { resolve } from "node:path";
-import { Command } from "commander";
+import { join, resolve } from "node:path";
+import { Command, Option } from "commander";
 import {
   benchReport,
   benchSpec,
@@ -24,6 +24,10 @@ interface BenchFlags extends JobShapeFlags {
   warmupSteps?: string;
   generations?: string;
   reference: boolean;
+  compiledReference: boolean;
+  attention?: string;
+  cfg?: string;
+  compile: boolean;
   specOnly?: boolean;
   from?: string;
   record?: string;
@@ -40,7 +44,11 @@ export function benchCommand(ctx: CliContext): Command {
     .option("--dtype <dtype>", "bf16, fp16 or fp32", "bf16")
     .option("--warmup-steps <n>", "steps of each system's untimed warm-up generation", "2")
     .option("--generations <n>", "timed generations per system", "1")
-    .option("--no-reference", "measure kino alone")
+    .option("--no-reference", "do not measure diffusers as it comes")
+    .option("--no-compiled-reference", "do not measure diffusers with regional compile and the fastest attention")
+    .addOption(new Option("--attention <name>", "kino's attention backend (auto measures once per GPU and shape)").choices(["auto", "default", "cudnn", "flash", "efficient", "math"]))
+    .addOption(new Option("--cfg <mode>", "kino's guidance: one batch-2 forward or two").choices(["auto", "batched", "sequential"]))
+    .option("--no-compile", "kino without regional torch.compile (on by default on cuda)")
     .option("--spec-only", "print the engine spec (for python -m kino_engine.bench --spec FILE) and stop")
     .option("--from <raw.json>", "record a result measured elsewhere by python -m kino_engine.bench")
     .option("--record <dir>", "write the report as JSON into this folder (e.g. docs/benchmarks)")
@@ -59,6 +67,12 @@ export function benchCommand(ctx: CliContext): Command {
           warmupSteps: integerFlag(flags.warmupSteps, "warmupSteps"),
           generations: integerFlag(flags.generations, "generations"),
           reference: flags.reference,
+          // commander sets negatable flags to true when absent: only an explicit --no-… overrides the device default.
+          compiledReference: ctx.argv.includes("--no-compiled-reference") ? false : undefined,
+          compile: ctx.argv.includes("--no-compile") ? false : undefined,
+          attention: flags.attention as BenchOptions["attention"],
+          cfg: flags.cfg as BenchOptions["cfg"],
+          cacheDir: join(ctx.config.cache, "runtime"),
         };
         const command = ["kino", "bench", ...ctx.argv.slice(ctx.argv.indexOf("bench") + 1)].join(" ");
         const spec = benchSpec(options, { command, ...(await gitProvenance(ctx.config.repoRoot)) });
@@ -86,19 +100,22 @@ export function formatBenchSummary(report: BenchReport): string {
   const s = (v: number | null) => (v === null ? "—" : `${v.toFixed(3)} s`);
   const b = (v: number | null) => (v === null ? "—" : bytes(v));
   const r = (v: number | null) => (v === null ? "—" : `${v.toFixed(3)}×`);
-  const rows: Array<[string, string, string, string]> = [
-    ["per forward, batch 1 (median)", s(summary.forwardS.kino), s(summary.forwardS.diffusers), r(summary.forwardS.ratio)],
-    ["per step (median)", s(summary.stepS.kino), s(summary.stepS.diffusers), r(summary.stepS.ratio)],
-    ["per generation (warm)", s(summary.generationS.kino), s(summary.generationS.diffusers), r(summary.generationS.ratio)],
-    ["peak VRAM", b(summary.peakVramBytes.kino), b(summary.peakVramBytes.diffusers), r(summary.peakVramBytes.ratio)],
+  const row = (label: string, e: (typeof summary)["stepS"], f: (v: number | null) => string): string[] => [
+    label, f(e.kino), f(e.diffusers), f(e.diffusersCompiled ?? null), r(e.ratio), r(e.ratioCompiled ?? null),
   ];
-  const head: [string, string, string, string] = ["", "kino", "diffusers", "kino/diffusers"];
+  const rows: string[][] = [
+    row("per forward, batch 1 (median)", summary.forwardS, s),
+    row("per step (median)", summary.stepS, s),
+    row("per generation (warm)", summary.generationS, s),
+    row("peak VRAM", summary.peakVramBytes, b),
+  ];
+  const head = ["", "kino", "diffusers", "diffusers compiled", "kino/diffusers", "kino/compiled"];
   for (const [label, entry] of [["forward", summary.forwardS], ["step", summary.stepS]] as const) {
     if (entry.floor === undefined) continue;
-    rows.push([`${label} / floor (${s(entry.floor)})`, r(entry.kinoOverFloor ?? null), r(entry.diffusersOverFloor ?? null), ""]);
+    rows.push([`${label} / floor (${s(entry.floor)})`, r(entry.kinoOverFloor ?? null), r(entry.diffusersOverFloor ?? null), r(entry.diffusersCompiledOverFloor ?? null), "", ""]);
   }
   const widths = head.map((_, i) => Math.max(...[head, ...rows].map((row) => row[i]!.length)));
-  const line = (row: string[]) => row.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ") + "\n";
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ") + "\n";
   return [
     `${spec.model.name} (random weights, ${spec.model.dtype}) ${job.width}x${job.height}x${job.frames}, ${job.steps} steps, guidance ${job.guidance}\n`,
     `${env.gpu ?? "cpu"} · torch ${env.torch} · diffusers ${env.diffusers} · ${report.videoTokens} video tokens\n`,
