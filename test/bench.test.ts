@@ -86,7 +86,8 @@ test("a report is recorded with its provenance, and read back from a raw file", 
   assert.ok(raw, "needs the previous test's result");
   const report = benchReport(raw, new Date("2026-11-22T10:00:00Z"));
   const path = await recordBench(report, join(home, "benchmarks"));
-  assert.match(path, /2026-11-22-cpu-wan2\.1-t2v-1\.3b-64x64x9-3steps\.json$/);
+  assert.match(path, /2026-11-22-cpu-wan2\.1-t2v-1\.3b-64x64x9-3steps-abc123\.json$/);
+  await assert.rejects(recordBench(report, join(home, "benchmarks")), /already exists: a recorded measurement is never replaced/);
   assert.deepEqual(JSON.parse(readFileSync(path, "utf8")), JSON.parse(JSON.stringify(report)));
   const table = formatBenchSummary(report);
   assert.match(table, /per forward, batch 1 \(median\) +\d+\.\d{3} s +\d+\.\d{3} s +— +\d+\.\d{3}× +—/);
@@ -98,7 +99,7 @@ test("a report is recorded with its provenance, and read back from a raw file", 
   const cli = await runKino(["bench", "--from", rawPath, "--record", "recorded", "--json"], { home });
   assert.equal(cli.code, 0, cli.stderr);
   assert.equal(JSON.parse(cli.stdout).kind, "kino-bench/v1");
-  assert.match(cli.stderr, /recorded .*recorded\/\d{4}-\d\d-\d\d-cpu-wan2\.1-t2v-1\.3b-64x64x9-3steps\.json/);
+  assert.match(cli.stderr, /recorded .*recorded\/\d{4}-\d\d-\d\d-cpu-wan2\.1-t2v-1\.3b-64x64x9-3steps-abc123\.json/);
 });
 
 test("CLI: --spec-only prints the spec with the command; a bad --from names the flag", async () => {

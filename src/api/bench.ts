@@ -8,7 +8,7 @@
  * `python -m kino_engine.bench --spec FILE` on a machine without Node, and `fromRaw` records its answer.
  */
 import { execFile } from "node:child_process";
-import { mkdir, mkdtemp, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -247,13 +247,17 @@ export function benchReport(raw: BenchRaw, now: Date = new Date()): BenchReport 
 export function reportFileName(report: BenchReport): string {
   const gpu = (report.environment.gpu ?? "cpu").toLowerCase().replace(/nvidia|hbm3e?|\d+gb/g, "").trim().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
   const { width, height, frames, steps } = report.spec.job;
-  return `${report.recordedAt.slice(0, 10)}-${gpu}-${report.spec.model.name}-${width}x${height}x${frames}-${steps}steps.json`;
+  const commit = report.spec.provenance.commit?.slice(0, 7);
+  return `${report.recordedAt.slice(0, 10)}-${gpu}-${report.spec.model.name}-${width}x${height}x${frames}-${steps}steps${commit ? `-${commit}` : ""}.json`;
 }
 
-/** Writes the report into `dir` (temporary name, then rename); returns its path. */
+/** Writes the report into `dir` (temporary name, then rename); returns its path. Never replaces a record. */
 export async function recordBench(report: BenchReport, dir: string): Promise<string> {
   await mkdir(dir, { recursive: true });
   const path = join(dir, reportFileName(report));
+  if (await stat(path).then(() => true, () => false)) {
+    throw new KinoError("INVALID_ARGUMENT", `${path} already exists: a recorded measurement is never replaced; move it away first or record into another folder`, { field: "record" });
+  }
   const partial = `${path}.partial`;
   await writeFile(partial, JSON.stringify(report, null, 2) + "\n");
   await rename(partial, path);
