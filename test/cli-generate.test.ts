@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { existsSync, mkdirSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { resolveConfig } from "../src/config/config.ts";
 import { TINY_DEFAULTS } from "../src/catalog/models.ts";
 import { WAN_NEGATIVE_PROMPT } from "../src/catalog/wan21.ts";
 import type { EngineClient } from "../src/engine/client.ts";
@@ -65,6 +66,18 @@ describe("kino generate over the FakeEngine", () => {
     }
     assert.equal((await probeVideo(join(home, "j.mp4"))).frames, 5);
     assert.match(r.stderr, /the video is noise/);
+  });
+
+  test("the engine gets the hot path's options: measured attention, batched CFG, kino's cache folder; --compile asks for compile", async () => {
+    const ckpt = writeFakeCheckpoint(join(home, "runtime-ckpt"));
+    const engine = recordingEngine();
+    const plain = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", ...SMALL, "--out", "rt.mp4"], { home, engine: engine.make });
+    assert.equal(plain.code, 0, plain.stderr);
+    const cache = resolveConfig({ KINO_HOME: home, HOME: home }).cache;
+    assert.deepEqual(engine.loaded[0]?.runtime, { cfg: "auto", attention: "auto", compile: false, cacheDir: join(cache, "runtime") });
+    const compiled = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", ...SMALL, "--out", "rt2.mp4", "--compile"], { home, engine: engine.make });
+    assert.equal(compiled.code, 0, compiled.stderr);
+    assert.equal(engine.loaded[1]?.runtime?.compile, true, "--compile did not reach the engine");
   });
 
   test("without --json: notices, plain progress lines off a terminal, and a closing summary on stderr", async () => {

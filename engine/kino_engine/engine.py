@@ -117,7 +117,7 @@ class Engine:
         def progress(component: str, done: int, total: int) -> None:
             emit(load_event(component, done, total))
 
-        model = run_classified(lambda: "load", lambda: WanT2V.load(spec, progress))
+        model = run_classified(lambda: "load", lambda: WanT2V.load(spec, progress, runtime=spec.runtime))
         if model.vae.dtype != model.dtype:
             emit(log_event("info", f"VAE kept in {str(model.vae.dtype).removeprefix('torch.')} while the model runs "
                                    f"in {spec.dtype}: Wan's VAE is run in float32 (as diffusers' Wan examples do)"))

@@ -19,8 +19,11 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, BinaryIO, Callable, Literal, Mapping, Union
+
+from .runtime.options import RuntimeOptions
 
 PROTOCOL_VERSION = 1
 
@@ -214,9 +217,13 @@ class ModelSpec:
     source: ModelSource
     device: Literal["cuda", "cpu"]
     dtype: Literal["bfloat16", "float16", "float32"]
+    #: The hot path's options; None takes RuntimeOptions() (batched CFG, measured attention, no compile).
+    runtime: RuntimeOptions | None = None
 
     def __post_init__(self) -> None:
         _check_str(self.name, "name", min_length=1)
+        if self.runtime is not None and not isinstance(self.runtime, RuntimeOptions):
+            raise _bad("runtime", "expected RuntimeOptions")
         if not isinstance(self.source, (CheckpointSource, RandomSource)):
             raise _bad("source", "expected a CheckpointSource or a RandomSource")
         _check_choice(self.device, "device", DEVICES)
@@ -381,7 +388,27 @@ def parse_model_spec(value: Any, path: str = "model") -> ModelSpec:
         source = _build(source_path, RandomSource, architecture=architecture, seed=_get(source_obj, "seed", source_path))
     else:
         raise _bad(f"{source_path}.kind", f"expected 'checkpoint' or 'random', got {kind!r}")
-    return _build(path, ModelSpec, source=source, **_fields(obj, path, {"name": "name", "device": "device", "dtype": "dtype"}))
+    runtime = _parse_runtime(obj["runtime"], f"{path}.runtime") if obj.get("runtime") is not None else None
+    return _build(
+        path, ModelSpec, source=source, runtime=runtime,
+        **_fields(obj, path, {"name": "name", "device": "device", "dtype": "dtype"}),
+    )
+
+
+def _parse_runtime(value: Any, path: str) -> RuntimeOptions:
+    obj = _object(value, path)
+    cache_dir = _get(obj, "cacheDir", path)
+    if cache_dir is not None:
+        _check_str(cache_dir, f"{path}.cacheDir", min_length=1)
+    try:
+        return RuntimeOptions(
+            cfg=_get(obj, "cfg", path),
+            attention=_get(obj, "attention", path),
+            compile=_get(obj, "compile", path),
+            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+        )
+    except ValueError as exc:
+        raise _bad(path, str(exc)) from exc
 
 
 def parse_job_spec(value: Any, path: str = "job") -> JobSpec:

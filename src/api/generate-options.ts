@@ -37,6 +37,8 @@ export const GenerateOptions = z.object({
   device: z.enum(["cuda", "cpu"]).optional(),
   /** @default bf16 on cuda, fp32 on cpu */
   dtype: z.enum(["bf16", "fp16", "fp32"]).optional(),
+  /** Regional torch.compile of the transformer blocks: slower first job, faster steps (kept on disk). @default false */
+  compile: z.boolean().default(false),
   /** Build the catalog model's architecture with random weights (timings only). @default false */
   randomWeights: z.boolean().default(false),
   /** The MP4 to write. */

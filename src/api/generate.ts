@@ -125,7 +125,14 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
     if (options.seed === undefined) notice(`seed ${seed} (chosen at random; pass --seed ${seed} to repeat)`);
 
     const job = buildJob(options, model, prepared.outputs, seed);
-    const spec: ModelSpec = { name: model.name, source: modelSource(model, seed), device, dtype };
+    const spec: ModelSpec = {
+      name: model.name,
+      source: modelSource(model, seed),
+      device,
+      dtype,
+      // Compiling pays off on long or repeated jobs (a persistent engine); a one-shot CLI run asks for it.
+      runtime: { cfg: "auto", attention: "auto", compile: options.compile, cacheDir: join(deps.config.cache, "runtime") },
+    };
     throwIfCancelled(signal);
     const load = await cancellableLoad(engine, spec, hooks);
     throwIfCancelled(signal);

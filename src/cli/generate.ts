@@ -16,6 +16,7 @@ interface GenerateFlags extends JobShapeFlags {
   device?: "cuda" | "cpu";
   dtype?: "bf16" | "fp16" | "fp32";
   randomWeights?: boolean;
+  compile?: boolean;
   framesDir?: string;
   out: string;
   json?: boolean;
@@ -31,6 +32,7 @@ export function generateCommand(ctx: CliContext): Command {
     .option("--fps <n>", "frames per second of the video (default: the model's, 16)")
     .addOption(new Option("--device <device>", "where to run (default: cuda if there is a GPU)").choices(["cuda", "cpu"]))
     .addOption(new Option("--dtype <dtype>", "precision (default: bf16 on cuda, fp32 on cpu)").choices(["bf16", "fp16", "fp32"]))
+    .option("--compile", "compile the transformer's blocks (torch.compile; the kernels are cached on disk): the first job pays for it")
     .option("--random-weights", "build the catalog model's architecture with random weights: for timings only, the video is noise")
     .option("--frames-dir <dir>", "also write the frames as PNGs into this new or empty folder")
     .requiredOption("--out <file.mp4>", "the video to write (H.264 MP4)")
@@ -45,6 +47,7 @@ export function generateCommand(ctx: CliContext): Command {
         device: flags.device,
         dtype: flags.dtype,
         randomWeights: flags.randomWeights ?? false,
+        compile: flags.compile ?? false,
         out: flags.out,
         framesDir: flags.framesDir,
       };

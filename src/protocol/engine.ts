@@ -72,6 +72,19 @@ export const ModelSource = z.discriminatedUnion("kind", [
 ]);
 export type ModelSource = z.infer<typeof ModelSource>;
 
+/** How the engine runs the denoising hot path (all exact: no approximation). */
+export const RuntimeSpec = z.object({
+  /** Classifier-free guidance as one batch-2 forward ("auto" = batched) or two forwards. */
+  cfg: z.enum(["auto", "batched", "sequential"]),
+  /** Exact SDPA backend; "auto" measures the GPU's backends once per shape and keeps the fastest. */
+  attention: z.enum(["auto", "default", "cudnn", "flash", "efficient", "math"]),
+  /** Regional torch.compile of the transformer's repeated blocks. */
+  compile: z.boolean(),
+  /** Where the attention choice and the compiled kernels persist across processes; null keeps nothing. */
+  cacheDir: z.string().min(1).nullable(),
+});
+export type RuntimeSpec = z.infer<typeof RuntimeSpec>;
+
 export const ModelSpec = z.object({
   /** A display name: the catalog id or the folder. */
   name: z.string().min(1),
@@ -79,6 +92,8 @@ export const ModelSpec = z.object({
   device: Device,
   /** Precision of the transformer and the text encoder; the VAE stays float32 (as diffusers' Wan examples run it). */
   dtype: DType,
+  /** The hot path's options; absent: batched CFG, measured attention, no compile, nothing persisted. */
+  runtime: RuntimeSpec.optional(),
 });
 export type ModelSpec = z.infer<typeof ModelSpec>;
 
