@@ -24,16 +24,14 @@ adds the command, the commit and the file.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-import traceback
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -43,8 +41,9 @@ from . import __version__
 from .floor import measure_floor
 from .pipelines.wan import WanT2V
 from .runtime.optimize import optimize
+from .protocol import JobSpec, parse_job_spec, parse_model_spec
 from .runtime.options import RuntimeOptions
-from .protocol import EngineFailure, JobOutput, JobSpec, parse_job_spec, parse_model_spec
+from .tool_answer import answer, read_spec
 from .video import encode_mp4
 
 
@@ -396,22 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kino_engine.bench")
     parser.add_argument("--spec", help="the spec as a JSON file (default: read it from stdin)")
     args = parser.parse_args(argv)
-    try:
-        if args.spec is None:
-            spec = json.load(sys.stdin)
-        else:
-            with open(args.spec, encoding="utf-8") as f:
-                spec = json.load(f)
-        result = run(spec)
-    except EngineFailure as failure:
-        print(json.dumps({"ok": False, "error": failure.to_json()}))
-        return 1
-    except Exception as exc:  # noqa: BLE001 - reported as INTERNAL with the traceback on stderr
-        traceback.print_exc()
-        print(json.dumps({"ok": False, "error": {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}}))
-        return 1
-    print(json.dumps({"ok": True, "result": result}))
-    return 0
+    return answer(lambda: run(read_spec(args.spec)))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import re
 import sys
 import tempfile
 import time
-import traceback
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any, Iterable
@@ -38,8 +37,9 @@ import torch
 
 from .bench import environment
 from .pipelines.wan import WanT2V
-from .protocol import EngineFailure, JobSpec, parse_job_spec, parse_model_spec
+from .protocol import JobSpec, parse_job_spec, parse_model_spec
 from .runtime.embed_cache import PromptEmbeddingCache, encoder_identity, install_prompt_cache
+from .tool_answer import answer, read_spec
 
 #: Runtime/driver calls that block the host until the device is done.
 SYNC_CALLS = frozenset(
@@ -333,32 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", help="the spec as a JSON file (default: read it from stdin)")
     parser.add_argument("--trace", help="where to write the Chrome trace (default: a temporary file, deleted)")
     args = parser.parse_args(argv)
-    scratch = None
-    try:
-        if args.spec is None:
-            spec = json.load(sys.stdin)
-        else:
-            with open(args.spec, encoding="utf-8") as f:
-                spec = json.load(f)
-        trace = args.trace
-        if trace is None:
-            scratch = tempfile.TemporaryDirectory(prefix="kino-profile-")
-            trace = os.path.join(scratch.name, "trace.json")
-        result = run(spec, trace)
-        if scratch is not None:
-            result["trace"] = None
-    except EngineFailure as failure:
-        print(json.dumps({"ok": False, "error": failure.to_json()}))
-        return 1
-    except Exception as exc:  # noqa: BLE001 - reported as INTERNAL with the traceback on stderr
-        traceback.print_exc()
-        print(json.dumps({"ok": False, "error": {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}}))
-        return 1
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    print(json.dumps({"ok": True, "result": result}))
-    return 0
+
+    def work() -> dict[str, Any]:
+        spec = read_spec(args.spec)
+        if args.trace is not None:
+            return run(spec, args.trace)
+        with tempfile.TemporaryDirectory(prefix="kino-profile-") as scratch:
+            result = run(spec, os.path.join(scratch, "trace.json"))
+        result["trace"] = None
+        return result
+
+    return answer(work)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,9 @@ import {
 import type { CliContext } from "./context.ts";
 import { integerFlag } from "./flags.ts";
 import { bytes } from "./format.ts";
-import { addJobShapeOptions, jobShape, type JobShapeFlags } from "./job-flags.ts";
+import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from "./job-flags.ts";
 
-interface BenchFlags extends JobShapeFlags {
-  model?: string;
-  prompt?: string;
-  device?: "cuda" | "cpu";
-  dtype?: "bf16" | "fp16" | "fp32";
-  warmupSteps?: string;
+interface BenchFlags extends RandomRunFlags {
   generations?: string;
   reference: boolean;
   compiledReference: boolean;
@@ -35,14 +30,8 @@ interface BenchFlags extends JobShapeFlags {
 }
 
 export function benchCommand(ctx: CliContext): Command {
-  const command = new Command("bench")
-    .description("time kino against diffusers' WanPipeline on the same random-weight model, in one run")
-    .option("--model <id>", "a catalog id with an architecture (random weights)", "wan2.1-t2v-1.3b");
-  return addJobShapeOptions(command, "random seed (default 42)")
-    .option("--prompt <text>", "prompt")
-    .option("--device <device>", "cuda or cpu", "cuda")
-    .option("--dtype <dtype>", "bf16, fp16 or fp32", "bf16")
-    .option("--warmup-steps <n>", "steps of each system's untimed warm-up generation", "2")
+  const command = new Command("bench").description("time kino against diffusers' WanPipeline on the same random-weight model, in one run");
+  return addRandomRunOptions(command, "steps of each system's untimed warm-up generation", "2")
     .option("--generations <n>", "timed generations per system", "1")
     .option("--no-reference", "do not measure diffusers as it comes")
     .option("--no-compiled-reference", "do not measure diffusers with regional compile and the fastest attention")
@@ -59,12 +48,7 @@ export function benchCommand(ctx: CliContext): Command {
         raw = await readRaw(resolve(ctx.cwd, flags.from));
       } else {
         const options: BenchOptions = {
-          model: flags.model,
-          ...jobShape(flags),
-          prompt: flags.prompt,
-          device: flags.device,
-          dtype: flags.dtype,
-          warmupSteps: integerFlag(flags.warmupSteps, "warmupSteps"),
+          ...randomRun(flags),
           generations: integerFlag(flags.generations, "generations"),
           reference: flags.reference,
           // commander sets negatable flags to true when absent: only an explicit --no-… overrides the device default.
@@ -74,8 +58,7 @@ export function benchCommand(ctx: CliContext): Command {
           cfg: flags.cfg as BenchOptions["cfg"],
           cacheDir: join(ctx.config.cache, "runtime"),
         };
-        const command = ["kino", "bench", ...ctx.argv.slice(ctx.argv.indexOf("bench") + 1)].join(" ");
-        const spec = benchSpec(options, { command, ...(await gitProvenance(ctx.config.repoRoot)) });
+        const spec = benchSpec(options, { command: commandLine(ctx.argv, "bench"), ...(await gitProvenance(ctx.config.repoRoot)) });
         if (flags.specOnly) return ctx.io.stdout(JSON.stringify(spec) + "\n");
         raw = await runBench(ctx.config, spec, {
           signal: ctx.signal,

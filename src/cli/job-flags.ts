@@ -1,4 +1,4 @@
-/** The job-shape flags that `generate` and `bench` share, and their parsing into numbers. */
+/** The flags that `generate`, `bench` and `profile` share, and their parsing into numbers. */
 import type { Command } from "commander";
 import { integerFlag, numberFlag } from "./flags.ts";
 
@@ -41,4 +41,40 @@ export function jobShape(flags: JobShapeFlags): JobShape {
     shift: numberFlag(flags.shift, "shift"),
     seed: integerFlag(flags.seed, "seed"),
   };
+}
+
+/** The flags of a random-weight run (`bench`, `profile`): the job shape plus model, prompt, device, dtype. */
+export interface RandomRunFlags extends JobShapeFlags {
+  model?: string;
+  prompt?: string;
+  device?: "cuda" | "cpu";
+  dtype?: "bf16" | "fp16" | "fp32";
+  warmupSteps?: string;
+}
+
+/** Adds --model (a catalog architecture), the job shape, --prompt, --device, --dtype and --warmup-steps. */
+export function addRandomRunOptions(command: Command, warmupHelp: string, warmupDefault: string): Command {
+  command.option("--model <id>", "a catalog id with an architecture (random weights)", "wan2.1-t2v-1.3b");
+  return addJobShapeOptions(command, "random seed (default 42)")
+    .option("--prompt <text>", "prompt")
+    .option("--device <device>", "cuda or cpu", "cuda")
+    .option("--dtype <dtype>", "bf16, fp16 or fp32", "bf16")
+    .option("--warmup-steps <n>", warmupHelp, warmupDefault);
+}
+
+/** The random-run flags as options, or an INVALID_ARGUMENT naming the flag. */
+export function randomRun(flags: RandomRunFlags) {
+  return {
+    model: flags.model,
+    ...jobShape(flags),
+    prompt: flags.prompt,
+    device: flags.device,
+    dtype: flags.dtype,
+    warmupSteps: integerFlag(flags.warmupSteps, "warmupSteps"),
+  };
+}
+
+/** The command line as typed after `kino`, for a record's provenance. */
+export function commandLine(argv: readonly string[], name: string): string {
+  return ["kino", name, ...argv.slice(argv.indexOf(name) + 1)].join(" ");
 }

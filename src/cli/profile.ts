@@ -4,15 +4,9 @@ import { Command } from "commander";
 import { gitProvenance } from "../api/bench.ts";
 import { profileSpec, runProfile, type ProfileOptions, type ProfileRaw } from "../api/profile.ts";
 import type { CliContext } from "./context.ts";
-import { integerFlag } from "./flags.ts";
-import { addJobShapeOptions, jobShape, type JobShapeFlags } from "./job-flags.ts";
+import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from "./job-flags.ts";
 
-interface ProfileFlags extends JobShapeFlags {
-  model?: string;
-  prompt?: string;
-  device?: "cuda" | "cpu";
-  dtype?: "bf16" | "fp16" | "fp32";
-  warmupSteps?: string;
+interface ProfileFlags extends RandomRunFlags {
   trace: string;
   json?: boolean;
 }
@@ -21,27 +15,15 @@ interface ProfileFlags extends JobShapeFlags {
 export const DEFAULT_TRACE = "kino-profile.trace.json";
 
 export function profileCommand(ctx: CliContext): Command {
-  const command = new Command("profile")
-    .description("profile one warm generation (random weights): a Chrome trace and where the time goes")
-    .option("--model <id>", "a catalog id with an architecture (random weights)", "wan2.1-t2v-1.3b");
-  return addJobShapeOptions(command, "random seed (default 42)")
-    .option("--prompt <text>", "prompt")
-    .option("--device <device>", "cuda or cpu", "cuda")
-    .option("--dtype <dtype>", "bf16, fp16 or fp32", "bf16")
-    .option("--warmup-steps <n>", "steps of the untimed warm-up generation", "1")
+  const command = new Command("profile").description("profile one warm generation (random weights): a Chrome trace and where the time goes");
+  return addRandomRunOptions(command, "steps of the untimed warm-up generation", "1")
     .option("--trace <file>", "where to write the Chrome trace (open in Perfetto or chrome://tracing)", DEFAULT_TRACE)
     .option("--json", "print the digest as JSON on stdout")
     .action(async (flags: ProfileFlags) => {
       const options: ProfileOptions = {
-        model: flags.model,
-        ...jobShape(flags),
-        prompt: flags.prompt,
-        device: flags.device,
-        dtype: flags.dtype,
-        warmupSteps: integerFlag(flags.warmupSteps, "warmupSteps"),
+        ...randomRun(flags),
       };
-      const command = ["kino", "profile", ...ctx.argv.slice(ctx.argv.indexOf("profile") + 1)].join(" ");
-      const spec = profileSpec(options, { command, ...(await gitProvenance(ctx.config.repoRoot)) });
+      const spec = profileSpec(options, { command: commandLine(ctx.argv, "profile"), ...(await gitProvenance(ctx.config.repoRoot)) });
       const raw = await runProfile(ctx.config, spec, resolve(ctx.cwd, flags.trace), {
         signal: ctx.signal,
         logger: ctx.logger,
