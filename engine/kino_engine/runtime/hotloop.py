@@ -83,9 +83,10 @@ class StepTimer:
     def _drain(self, wait: bool) -> None:
         while self._pending:
             index, start, stop = self._pending[0]
-            if not wait and not stop.query():
-                return
-            stop.synchronize()
+            if not stop.query():
+                if not wait:
+                    return
+                stop.synchronize()  # only at the end of the loop, or when the host is too far ahead
             self._pending.pop(0)
             self._report(index, start.elapsed_time(stop))
 
