@@ -57,6 +57,13 @@ SHIFT_KEYS = ("flow_shift", "shift")
 OnPhase = Callable[[Phase, Literal["start", "end"], "float | None"], None]
 OnStep = Callable[[int, int, float], None]
 IsCancelled = Callable[[], bool]
+OnFrames = Callable[[np.ndarray], None]
+
+
+def _ready(host: torch.Tensor, copied: torch.cuda.Event) -> np.ndarray:
+    """A pinned host chunk once its asynchronous copy has landed."""
+    copied.synchronize()
+    return host.numpy()
 
 
 def clean_prompt(text: str) -> str:
@@ -76,8 +83,11 @@ def _sync(device: torch.device) -> None:
 class WanVideo:
     """The frames of one generation and how long each phase took (ms)."""
 
-    frames: np.ndarray
+    #: uint8 (F, H, W, 3); None when the frames were streamed to `generate`'s `on_frames` instead.
+    frames: np.ndarray | None
     phase_ms: dict[str, float] = field(default_factory=dict)
+    #: (F, H, W) of the video, streamed or not.
+    shape: tuple[int, ...] = ()
 
 
 class WanT2V:
@@ -313,6 +323,82 @@ class WanT2V:
         frames = (frames * 0.5 + 0.5).clamp(0, 1).float()
         return (frames * 255).round().to(torch.uint8).cpu().numpy()
 
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        config = self.vae.config
+        latents = latents.to(self.device, self.vae.dtype)
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        return latents * std + mean
+
+    @staticmethod
+    def _to_uint8(video: torch.Tensor) -> torch.Tensor:
+        """(1, 3, F, H, W) in [-1, 1] -> (F, H, W, 3) uint8 on the same device, rounded as `decode` does."""
+        frames = (video[0].permute(1, 2, 3, 0) * 0.5 + 0.5).clamp(0, 1).float()
+        return (frames * 255).round().to(torch.uint8).contiguous()
+
+    def _streamable(self, latents: torch.Tensor) -> bool:
+        """Whether the VAE decodes these latents frame by frame (not tiled, not patched, batch 1),
+        the case `decode_stream` reproduces; anything else is decoded whole."""
+        vae = self.vae
+        if latents.shape[0] != 1 or getattr(vae.config, "patch_size", None) is not None:
+            return False
+        if getattr(vae, "use_tiling", False):
+            height, width = latents.shape[-2:]
+            ratio = vae.spatial_compression_ratio
+            if width > vae.tile_sample_min_width // ratio or height > vae.tile_sample_min_height // ratio:
+                return False
+        return True
+
+    @torch.inference_mode()
+    def decode_stream(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """`decode`, chunk by chunk: uint8 frames (F_i, H, W, 3) as the VAE makes them (1 frame from
+        the first latent frame, then `vae_scale_temporal` per latent frame); concatenated they are
+        exactly `decode(latents)`.
+
+        It drives the VAE's own causal decode from outside, making the calls AutoencoderKLWan._decode
+        makes (diffusers 0.42.1): reset the feature cache, post_quant_conv over all latent frames, the
+        decoder on one latent frame at a time through the cache (the first with first_chunk=True),
+        clamp to [-1, 1]. Clamping and the uint8 conversion are elementwise, so doing them per chunk
+        changes no value.
+
+        On CUDA each chunk becomes uint8 on the GPU and is copied asynchronously into pinned host
+        memory (an event recorded after the copy); a chunk is yielded only after the next latent
+        frame's decode has been queued, so the GPU decodes chunk i+1 while the host waits for chunk
+        i's copy and the consumer (the MP4 encoder) works on it. Each chunk has its own pinned buffer,
+        so the arrays stay valid after the generator moves on. Tiled or patched VAEs (not Wan 2.1's
+        default) are decoded whole and yielded as one chunk.
+        """
+        z = self._denormalize(latents)
+        if not self._streamable(z):
+            yield self.decode(latents)
+            return
+        vae = self.vae
+        cuda = z.device.type == "cuda"
+        pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        vae.clear_cache()
+        try:
+            x = vae.post_quant_conv(z)
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                kwargs = {"first_chunk": True} if i == 0 else {}
+                out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kwargs)
+                chunk = self._to_uint8(torch.clamp(out, min=-1.0, max=1.0))
+                del out
+                if not cuda:
+                    yield chunk.numpy()
+                    continue
+                host = torch.empty(chunk.shape, dtype=torch.uint8, pin_memory=True)
+                host.copy_(chunk, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+                if pending is not None:  # chunk i is queued; now wait for chunk i-1's copy and hand it on
+                    yield _ready(*pending)
+                pending = (host, ready)
+            if pending is not None:
+                yield _ready(*pending)
+        finally:
+            vae.clear_cache()
+
     # ---- all of it ----
 
     def generate(
@@ -321,8 +407,14 @@ class WanT2V:
         on_phase: OnPhase | None = None,
         on_step: OnStep | None = None,
         is_cancelled: IsCancelled | None = None,
+        on_frames: OnFrames | None = None,
     ) -> WanVideo:
-        """text_encode -> denoise -> decode, reporting each phase's start and end (ms)."""
+        """text_encode -> denoise -> decode, reporting each phase's start and end (ms).
+
+        With `on_frames`, decoding is streamed (`decode_stream`): each uint8 chunk (F_i, H, W, 3)
+        goes to `on_frames` as soon as it is on the host (e.g. to an MP4 encoder running alongside),
+        and the returned video has `frames=None`. The decode phase then ends when the last chunk has
+        been handed over, so it includes any time `on_frames` blocks (a full encoder queue)."""
         self.check_job(job)
         phases = _PhaseClock(self.device, on_phase)
         with phases.run("text_encode"):
@@ -331,9 +423,16 @@ class WanT2V:
         with phases.run("denoise"):
             latents = self.denoise(prompt_embeds, negative_embeds, job, on_step, is_cancelled)
         del prompt_embeds, negative_embeds
+        shape = (job.frames, job.height, job.width)
         with phases.run("decode"):
-            frames = self.decode(latents)
-        return WanVideo(frames=frames, phase_ms=phases.ms)
+            if on_frames is None:
+                frames: np.ndarray | None = self.decode(latents)
+                shape = frames.shape[:3]
+            else:
+                frames = None
+                for chunk in self.decode_stream(latents):
+                    on_frames(chunk)
+        return WanVideo(frames=frames, phase_ms=phases.ms, shape=tuple(int(n) for n in shape))
 
 
 class _PhaseClock:
