@@ -21,8 +21,12 @@ const provenance = { command: "kino profile", commit: "abc123", dirty: false };
 test("spec: the same model and job as bench, with its own warm-up", () => {
   const spec = profileSpec({ steps: 4 }, provenance);
   const bench = benchSpec({ steps: 4 }, provenance);
-  assert.deepEqual([spec.model, spec.job], [bench.model, bench.job], "profile must run what bench measures");
+  const { runtime, ...model } = spec.model;
+  assert.deepEqual([model, spec.job], [bench.model, bench.job], "profile must run what bench measures");
   assert.equal(spec.warmupSteps, 1);
+  assert.deepEqual(runtime, { cfg: "auto", attention: "auto", compile: false, cacheDir: null }, "by default the eager hot path");
+  const compiled = profileSpec({ steps: 4, compile: true, attention: "cudnn", cacheDir: "/tmp/k" }, provenance);
+  assert.deepEqual(compiled.model.runtime, { cfg: "auto", attention: "cudnn", compile: true, cacheDir: "/tmp/k" }, "--compile/--attention must reach the engine");
 });
 
 test("the engine's profile tool: a valid Chrome trace and a digest with one row per step after the first", async () => {

@@ -15,12 +15,18 @@ import { z } from "zod";
 import type { KinoConfig } from "../config/config.ts";
 import { runEngineTool, type ToolOptions } from "../engine/tools.ts";
 import { KinoError } from "../errors.ts";
-import { ModelSpec } from "../protocol/engine.ts";
+import { ModelSpec, RuntimeSpec } from "../protocol/engine.ts";
 import { ProvenanceSchema, RandomRunOptions, randomRun, RunJob, type Provenance } from "./bench.ts";
 
 export const ProfileOptions = RandomRunOptions.extend({
   /** Steps of the untimed warm-up generation (same prompts: the profiled one is a warm request). @default 1 */
   warmupSteps: z.number().int().positive().default(1),
+  /** Profile the compiled hot path (regional torch.compile; compiled during the warm-up). @default false */
+  compile: z.boolean().default(false),
+  /** The attention backend ("auto" measures once per GPU and shape). @default auto */
+  attention: RuntimeSpec.shape.attention.default("auto"),
+  /** Where the attention choice and compiled kernels persist; null persists nothing. @default null */
+  cacheDir: z.string().nullable().default(null),
 });
 export type ProfileOptions = z.input<typeof ProfileOptions>;
 
@@ -82,7 +88,9 @@ export type ProfileRaw = z.infer<typeof ProfileRaw>;
 /** The engine spec for `options`: the same model and job `kino bench` would run. */
 export function profileSpec(input: ProfileOptions, provenance: Provenance): ProfileSpec {
   const o = ProfileOptions.parse(input);
-  return ProfileSpec.parse({ ...randomRun(o), warmupSteps: o.warmupSteps, provenance });
+  const { model, job } = randomRun(o);
+  const runtime = { cfg: "auto", attention: o.attention, compile: o.compile, cacheDir: o.cacheDir } as const;
+  return ProfileSpec.parse({ model: { ...model, runtime }, job, warmupSteps: o.warmupSteps, provenance });
 }
 
 /** Runs the engine's profile tool on this machine; `trace` is where the Chrome trace goes (none when omitted). */

@@ -1,12 +1,14 @@
 /** `kino profile`: one warm generation under torch.profiler; a Chrome trace and a digest table. */
-import { resolve } from "node:path";
-import { Command } from "commander";
+import { join, resolve } from "node:path";
+import { Command, Option } from "commander";
 import { gitProvenance } from "../api/bench.ts";
 import { profileSpec, runProfile, type ProfileOptions, type ProfileRaw } from "../api/profile.ts";
 import type { CliContext } from "./context.ts";
 import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from "./job-flags.ts";
 
 interface ProfileFlags extends RandomRunFlags {
+  compile?: boolean;
+  attention?: ProfileOptions["attention"];
   trace: string;
   json?: boolean;
 }
@@ -17,11 +19,16 @@ export const DEFAULT_TRACE = "kino-profile.trace.json";
 export function profileCommand(ctx: CliContext): Command {
   const command = new Command("profile").description("profile one warm generation (random weights): a Chrome trace and where the time goes");
   return addRandomRunOptions(command, "steps of the untimed warm-up generation", "1")
+    .option("--compile", "profile the compiled hot path (regional torch.compile, compiled during the warm-up)")
+    .addOption(new Option("--attention <name>", "attention backend (auto measures once per GPU and shape)").choices(["auto", "default", "cudnn", "flash", "efficient", "math"]))
     .option("--trace <file>", "where to write the Chrome trace (open in Perfetto or chrome://tracing)", DEFAULT_TRACE)
     .option("--json", "print the digest as JSON on stdout")
     .action(async (flags: ProfileFlags) => {
       const options: ProfileOptions = {
         ...randomRun(flags),
+        compile: flags.compile ?? false,
+        attention: flags.attention,
+        cacheDir: join(ctx.config.cache, "runtime"),
       };
       const spec = profileSpec(options, { command: commandLine(ctx.argv, "profile"), ...(await gitProvenance(ctx.config.repoRoot)) });
       const raw = await runProfile(ctx.config, spec, resolve(ctx.cwd, flags.trace), {
