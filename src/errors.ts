@@ -48,6 +48,8 @@ const controlPlaneCodes = {
   TOOL_FAILED: { exit: 1, http: 500 },
   /** The system ffmpeg/ffprobe is missing or failed. */
   MEDIA_TOOL_FAILED: { exit: 1, http: 500, hint: "install ffmpeg (scripts/setup.sh does it on Debian)" },
+  /** The planner found no plan that fits the VRAM and RAM budget; the message names the smallest that works. */
+  INFEASIBLE: { exit: 2, http: 422, hint: "raise --vram or --ram, or ask for less (a smaller --size or --frames)" },
   /** kino doctor found something required missing. */
   DOCTOR_FAILED: { exit: 1, http: 500 },
 } as const satisfies Record<string, CodeInfo>;

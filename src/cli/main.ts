@@ -21,10 +21,11 @@ import { doctorCommand } from "./doctor.ts";
 import { formatError } from "./format.ts";
 import { generateCommand } from "./generate.ts";
 import { modelsCommand } from "./models.ts";
+import { planCommand } from "./plan.ts";
 import { profileCommand } from "./profile.ts";
 
 /** Every command, one file each. */
-const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand, benchCommand, profileCommand];
+const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand, benchCommand, profileCommand, planCommand];
 
 /** Exit status of a command line the parser refused (unknown flag, missing value). */
 const USAGE_EXIT = 2;

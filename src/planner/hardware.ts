@@ -1,0 +1,64 @@
+/**
+ * What the planner knows about a machine. Later the engine measures it once per GPU (the `probe`
+ * message) and the control plane caches it; for now the profiles are named presets, so plans can be
+ * made and tested without a GPU.
+ */
+
+export const GiB = 2 ** 30;
+
+export interface HardwareProfile {
+  readonly name: string;
+  /** Bytes of device memory in all, and free when the engine starts. */
+  readonly vramTotal: number;
+  readonly vramFree: number;
+  /** Bytes of host memory. */
+  readonly hostRam: number;
+  /** Bytes of host memory that may be page-locked (pinned) for fast copies. */
+  readonly pinnedLimit: number;
+  /** Host-to-device and device-to-host copy rates from pinned memory, bytes/s. */
+  readonly h2d: number;
+  readonly d2h: number;
+  /** Dense bf16 GEMM rate reached at the model's shapes, FLOP/s. */
+  readonly gemmFlops: number;
+  /** Exact attention (the fastest SDPA backend) rate, FLOP/s. */
+  readonly attentionFlops: number;
+  /** The host CPU's bf16 GEMM rate, FLOP/s: what a text encoder placed on the CPU runs at. */
+  readonly cpuFlops: number;
+}
+
+/**
+ * An H100 SXM 80 GB on PCIe 5: the rates kino's floor measured (766 / 605 TFLOP/s, docs/benchmarks.md),
+ * rounded; 55 GB/s pinned H2D.
+ */
+export const H100_80GB: HardwareProfile = Object.freeze({
+  name: "h100-80gb",
+  vramTotal: 79.2 * GiB,
+  vramFree: 78.7 * GiB,
+  hostRam: 256 * GiB,
+  pinnedLimit: 128 * GiB,
+  h2d: 55e9,
+  d2h: 55e9,
+  gemmFlops: 770e12,
+  attentionFlops: 600e12,
+  cpuFlops: 2e12,
+});
+
+/** A desktop RTX 4090 24 GB on PCIe 4 (25 GB/s pinned), 165 TFLOP/s dense bf16 GEMM, 150 attention. */
+export const RTX4090_24GB: HardwareProfile = Object.freeze({
+  name: "rtx4090-24gb",
+  vramTotal: 23.6 * GiB,
+  vramFree: 23.1 * GiB,
+  hostRam: 64 * GiB,
+  pinnedLimit: 32 * GiB,
+  h2d: 25e9,
+  d2h: 25e9,
+  gemmFlops: 165e12,
+  attentionFlops: 150e12,
+  cpuFlops: 1e12,
+});
+
+export const HARDWARE_PRESETS: readonly HardwareProfile[] = [H100_80GB, RTX4090_24GB];
+
+export function findHardwarePreset(name: string): HardwareProfile | undefined {
+  return HARDWARE_PRESETS.find((h) => h.name === name);
+}

@@ -1,0 +1,505 @@
+/**
+ * The planner: where each component lives, how CFG is batched and how the VAE decodes, for one
+ * request on one machine under a memory budget. A pure function of the model manifest, the hardware
+ * profile, the request and the budget; it enumerates the candidate plans (a few thousand), predicts
+ * each one's peak VRAM, peak host RAM and time per phase, and keeps the fastest that fits.
+ *
+ * It knows nothing of weights or of the engine: the engine does not execute plans yet (issue 4,
+ * item 3), and the predictions are not corrected by measurements yet (item 4).
+ *
+ * Cost model (every constant below says where it comes from):
+ * - compute per forward from the floor's FLOP formulas (engine/kino_engine/floor.py): linear
+ *   N·(12d² + 4df) + 4Ld², attention 4N²d + 4NLd per block, at the profile's GEMM and attention rates,
+ *   times the measured overhead of kino's forward over that floor;
+ * - a block-streamed block costs max(compute, bytes / H2D) (the prefetch overlaps), and the first
+ *   streamed block's copy is not hidden when no block is resident;
+ * - a component swapped in per phase costs its bytes / H2D once per generation (the host copy is
+ *   kept, so nothing is copied back);
+ * - memory: weights on the device in each phase + that phase's working set + a fixed runtime overhead.
+ */
+import { KinoError } from "../errors.ts";
+import { GiB, type HardwareProfile } from "./hardware.ts";
+import type { ModelManifest } from "./manifest.ts";
+
+export interface PlanRequest {
+  readonly width: number;
+  readonly height: number;
+  readonly frames: number;
+  readonly steps: number;
+  /** Classifier-free guidance scale; above 1 the conditional and unconditional passes both run. */
+  readonly guidance: number;
+}
+
+export type MemoryLevel = 0 | 1 | 2 | 3;
+
+export interface PlanBudget {
+  /** Bytes of VRAM the plan may use; capped at the profile's free VRAM. @default the profile's free VRAM */
+  readonly vram?: number;
+  /** Bytes of host RAM the plan may use. @default the profile's host RAM */
+  readonly ram?: number;
+  /** A preset (0: all resident … 3: transformer streamed) or "auto" (the planner chooses). @default "auto" */
+  readonly memoryLevel?: MemoryLevel | "auto";
+  /** Fraction of the VRAM budget kept free for what the model does not predict. @default 0.1 */
+  readonly margin?: number;
+}
+
+export type Placement =
+  /** On the device for the whole generation. */
+  | { readonly kind: "resident" }
+  /** On the device only during its phase (text encode, denoise or decode); in pinned host memory otherwise. */
+  | { readonly kind: "swapped" }
+  /** Transformer only: the rest and `residentBlocks` blocks stay; the others are copied in `prefetch` ahead. */
+  | { readonly kind: "streamed"; readonly residentBlocks: number; readonly prefetch: number }
+  /** Runs on the host CPU (text encoder only). */
+  | { readonly kind: "cpu" };
+
+export type VaeDecode = { readonly mode: "full" } | { readonly mode: "tiled"; readonly tile: number };
+
+/** "batched": one batch-2 forward per step; "sequential": two batch-1 forwards; "off": guidance ≤ 1. */
+export type CfgMode = "batched" | "sequential" | "off";
+
+export type PlanPhase = "textEncode" | "denoise" | "decode";
+export const PLAN_PHASES: readonly PlanPhase[] = ["textEncode", "denoise", "decode"];
+
+export interface PhasePrediction {
+  /** Peak device bytes during the phase. */
+  readonly vram: number;
+  readonly seconds: number;
+}
+
+export interface Plan {
+  readonly model: string;
+  readonly hardware: string;
+  readonly request: PlanRequest;
+  readonly memoryLevel: MemoryLevel | "auto";
+  readonly placement: { readonly textEncoder: Placement; readonly transformer: Placement; readonly vae: Placement };
+  readonly cfg: CfgMode;
+  readonly vaeDecode: VaeDecode;
+  /** Video tokens per forward (latent frames × latent height / 2 × latent width / 2). */
+  readonly tokens: number;
+  /**
+   * The most weight bytes on the device at once, over the phases: resident components, a swapped
+   * component during its phase, a streamed transformer's rest, resident blocks and prefetch buffers.
+   */
+  readonly residentBytes: number;
+  /** Weight bytes held in pinned host memory (swapped and streamed). */
+  readonly pinnedBytes: number;
+  readonly budget: { readonly vram: number; readonly usableVram: number; readonly ram: number; readonly margin: number };
+  readonly predicted: {
+    readonly peakVram: number;
+    readonly peakRam: number;
+    readonly seconds: number;
+    readonly secondsPerStep: number;
+    readonly phases: Readonly<Record<PlanPhase, PhasePrediction>>;
+  };
+  /** Every decision with its reason, in the order they were made. */
+  readonly reasons: readonly string[];
+}
+
+// ---- calibration constants -------------------------------------------------------------------
+
+/**
+ * Device bytes outside weights and working sets: cuBLAS/cuDNN workspaces, the allocator's slack,
+ * latents and prompt embeddings. Fitted to the 1.3B 832×480×81 peak (22.2 GiB, docs/benchmarks.md),
+ * which falls in the full VAE decode.
+ */
+export const RUNTIME_OVERHEAD = 1.44 * GiB;
+
+/**
+ * Live bf16 (N, d) tensors per batch element at the peak of a transformer forward: the residual
+ * stream and its fp32 norm copy, q/k/v and the attention output, the FFN's (N, f) intermediate and
+ * its GELU. Attention itself (cuDNN / flash) keeps only O(N) statistics. Fitted to the 14B peaks
+ * (46.6 GiB at 832×480×81 and 58.1 GiB at 1280×720×81, batched CFG, H100).
+ */
+export const ACTIVATION_TENSORS = 13;
+
+/** Live bf16 (tokens, d_model) tensors per prompt in the text encoder's forward (an estimate; small). */
+const TEXT_ACTIVATION_TENSORS = 20;
+
+/** The VAE's full decode at 832×480 (kino decodes latent frame by latent frame): 7.3 GiB, 1.83 s on an H100 (TARGETS.md). */
+const VAE_REFERENCE = { pixels: 832 * 480, frames: 81, fullBytes: 7.3 * GiB, fullSeconds: 1.83, gemmFlops: 770e12 };
+
+/**
+ * Tiled decode: 256 px tiles measured at 3.8 GiB and 2.57× the full decode's time (4.71 s, TARGETS.md);
+ * 128 px tiles are an estimate (more overlap recomputed, a smaller working set), not yet measured.
+ */
+export const VAE_TILES: ReadonlyArray<{ readonly tile: number; readonly bytes: number; readonly slowdown: number }> = [
+  { tile: 256, bytes: 3.8 * GiB, slowdown: 4.71 / 1.83 },
+  { tile: 128, bytes: 2.2 * GiB, slowdown: 3.6 },
+];
+
+/** kino's compiled forward over the floor: 1.175× at 1.3B, 1.05× at 14B (docs/benchmarks.md). */
+const FORWARD_OVER_FLOOR = 1.1;
+
+/**
+ * Time per forward that does not grow with the batch (launches, host work, the scheduler): why one
+ * batch-2 forward beats two batch-1 forwards (kino 1.059 s per step against diffusers compiled's
+ * 1.069 s, docs/benchmarks.md).
+ */
+const FORWARD_FIXED_SECONDS = 0.01;
+
+/** Per streamed block and forward: recording and waiting on the copy's event, launching the copy. An estimate, not yet measured. */
+const STREAM_BLOCK_SECONDS = 0.001;
+
+/** Host bytes of the Python process with torch and CUDA loaded, before any weights. */
+const HOST_BASE = 3 * GiB;
+
+export const DEFAULT_MARGIN = 0.1;
+
+// ---- the cost model --------------------------------------------------------------------------
+
+interface Candidate {
+  readonly textEncoder: Placement;
+  readonly transformer: Placement;
+  readonly vae: Placement;
+  readonly cfg: CfgMode;
+  readonly vaeDecode: VaeDecode;
+}
+
+interface Evaluated extends Candidate {
+  readonly phases: Record<PlanPhase, PhasePrediction>;
+  readonly peakVram: number;
+  readonly peakRam: number;
+  readonly pinnedBytes: number;
+  readonly residentBytes: number;
+  readonly seconds: number;
+  readonly secondsPerStep: number;
+  readonly blockCompute: number;
+  readonly blockTransfer: number;
+}
+
+const RESIDENT: Placement = { kind: "resident" };
+const SWAPPED: Placement = { kind: "swapped" };
+const CPU: Placement = { kind: "cpu" };
+
+/** Video tokens per forward: the VAE compresses 8× in space and 4× in time, the patch 2×2 more. */
+export function videoTokens(m: ModelManifest, r: PlanRequest): number {
+  const [pt, ph, pw] = m.transformer.shape.patch;
+  const latentFrames = Math.floor((r.frames - 1) / 4) + 1;
+  return Math.ceil(latentFrames / pt) * Math.floor(r.height / 8 / ph) * Math.floor(r.width / 8 / pw);
+}
+
+/** FLOPs of one block's forward at batch 1: [linear, attention] (floor.py's formulas). */
+export function blockFlops(m: ModelManifest, tokens: number): { linear: number; attention: number } {
+  const { width: d, ffnWidth: f } = m.transformer.shape;
+  const L = m.textEncoder.tokens;
+  return {
+    linear: tokens * (12 * d * d + 4 * d * f) + 4 * L * d * d,
+    attention: 4 * tokens * tokens * d + 4 * tokens * L * d,
+  };
+}
+
+/** Device bytes of the transformer's activations at the peak of one forward. */
+export function activationBytes(m: ModelManifest, tokens: number, batch: number): number {
+  return ACTIVATION_TENSORS * tokens * m.transformer.shape.width * 2 * batch;
+}
+
+function decodeBytes(r: PlanRequest, decode: VaeDecode): number {
+  if (decode.mode === "full") return (VAE_REFERENCE.fullBytes * r.width * r.height) / VAE_REFERENCE.pixels;
+  return VAE_TILES.find((t) => t.tile === decode.tile)!.bytes;
+}
+
+function decodeSeconds(r: PlanRequest, hw: HardwareProfile, decode: VaeDecode): number {
+  const scale = ((r.width * r.height) / VAE_REFERENCE.pixels) * (r.frames / VAE_REFERENCE.frames);
+  const full = VAE_REFERENCE.fullSeconds * scale * (VAE_REFERENCE.gemmFlops / hw.gemmFlops);
+  return decode.mode === "full" ? full : full * VAE_TILES.find((t) => t.tile === decode.tile)!.slowdown;
+}
+
+function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Candidate): Evaluated {
+  const tokens = videoTokens(m, r);
+  const prompts = c.cfg === "off" ? 1 : 2;
+  const batch = c.cfg === "batched" ? 2 : 1;
+  const forwardsPerStep = c.cfg === "sequential" ? 2 : 1;
+  const t = m.transformer;
+  const layers = t.shape.layers;
+
+  const onDevice = (bytes: number, p: Placement, own: PlanPhase, phase: PlanPhase): number => {
+    switch (p.kind) {
+      case "resident":
+        return bytes;
+      case "swapped":
+        return phase === own ? bytes : 0;
+      case "cpu":
+        return 0;
+      case "streamed":
+        return t.restBytes + p.residentBlocks * t.blockBytes + (phase === own ? p.prefetch * t.blockBytes : 0);
+    }
+  };
+  const weights = (phase: PlanPhase) =>
+    onDevice(m.textEncoder.bytes, c.textEncoder, "textEncode", phase) +
+    onDevice(t.bytes, c.transformer, "denoise", phase) +
+    onDevice(m.vae.bytes, c.vae, "decode", phase);
+  const swapIn = (bytes: number, p: Placement) => (p.kind === "swapped" ? bytes / hw.h2d : 0);
+
+  // Text encode.
+  const textFlops = 2 * m.textEncoder.computeParams * m.textEncoder.tokens * prompts;
+  const textWorking = c.textEncoder.kind === "cpu" ? 0 : TEXT_ACTIVATION_TENSORS * m.textEncoder.tokens * m.textEncoder.width * 2 * prompts;
+  const textSeconds = c.textEncoder.kind === "cpu" ? textFlops / hw.cpuFlops : textFlops / hw.gemmFlops + swapIn(m.textEncoder.bytes, c.textEncoder);
+
+  // Denoise.
+  const flops = blockFlops(m, tokens);
+  const blockCompute = batch * (flops.linear / hw.gemmFlops + flops.attention / hw.attentionFlops) * FORWARD_OVER_FLOOR;
+  const blockTransfer = t.blockBytes / hw.h2d;
+  let forward = layers * blockCompute;
+  if (c.transformer.kind === "streamed") {
+    const streamed = layers - c.transformer.residentBlocks;
+    forward = c.transformer.residentBlocks * blockCompute + streamed * (Math.max(blockCompute, blockTransfer) + STREAM_BLOCK_SECONDS);
+    if (c.transformer.residentBlocks === 0 && streamed > 0) forward += blockTransfer;
+  }
+  const secondsPerStep = forwardsPerStep * (forward + FORWARD_FIXED_SECONDS);
+  const denoiseSeconds = r.steps * secondsPerStep + swapIn(t.bytes, c.transformer);
+
+  const phases: Record<PlanPhase, PhasePrediction> = {
+    textEncode: { vram: weights("textEncode") + textWorking + RUNTIME_OVERHEAD, seconds: textSeconds },
+    denoise: { vram: weights("denoise") + activationBytes(m, tokens, batch) + RUNTIME_OVERHEAD, seconds: denoiseSeconds },
+    decode: {
+      vram: weights("decode") + decodeBytes(r, c.vaeDecode) + RUNTIME_OVERHEAD,
+      seconds: decodeSeconds(r, hw, c.vaeDecode) + swapIn(m.vae.bytes, c.vae),
+    },
+  };
+
+  const hostBytes = (bytes: number, p: Placement): number =>
+    p.kind === "resident" ? 0 : p.kind === "streamed" ? (layers - p.residentBlocks) * t.blockBytes : bytes;
+  const pinned = (bytes: number, p: Placement) => (p.kind === "swapped" || p.kind === "streamed" ? hostBytes(bytes, p) : 0);
+
+  return {
+    ...c,
+    phases,
+    peakVram: Math.max(...PLAN_PHASES.map((p) => phases[p].vram)),
+    peakRam: HOST_BASE + hostBytes(m.textEncoder.bytes, c.textEncoder) + hostBytes(t.bytes, c.transformer) + hostBytes(m.vae.bytes, c.vae),
+    pinnedBytes: pinned(m.textEncoder.bytes, c.textEncoder) + pinned(t.bytes, c.transformer) + pinned(m.vae.bytes, c.vae),
+    residentBytes: Math.max(...PLAN_PHASES.map(weights)),
+    seconds: PLAN_PHASES.reduce((s, p) => s + phases[p].seconds, 0),
+    secondsPerStep,
+    blockCompute,
+    blockTransfer,
+  };
+}
+
+// ---- the search ------------------------------------------------------------------------------
+
+/** The candidates a memory level allows; "auto" allows them all. */
+function candidates(m: ModelManifest, r: PlanRequest, level: MemoryLevel | "auto"): Candidate[] {
+  const layers = m.transformer.shape.layers;
+  const streamed: Placement[] = [];
+  for (let k = layers - 1; k >= 0; k--) streamed.push({ kind: "streamed", residentBlocks: k, prefetch: 1 });
+  const tiled: VaeDecode[] = VAE_TILES.map((t) => ({ mode: "tiled", tile: t.tile }));
+  const full: VaeDecode = { mode: "full" };
+  const cfgs: CfgMode[] = r.guidance > 1 ? ["batched", "sequential"] : ["off"];
+
+  let te: Placement[], tr: Placement[], vae: Placement[], decode: VaeDecode[];
+  if (level === "auto") {
+    [te, tr, vae, decode] = [[RESIDENT, SWAPPED, CPU], [RESIDENT, SWAPPED, ...streamed], [RESIDENT, SWAPPED], [full, ...tiled]];
+  } else {
+    te = [level >= 2 ? CPU : RESIDENT];
+    tr = level >= 3 ? streamed : [RESIDENT];
+    vae = [RESIDENT];
+    decode = level >= 1 ? [tiled[0]!] : [full];
+  }
+  const out: Candidate[] = [];
+  for (const textEncoder of te)
+    for (const transformer of tr)
+      for (const v of vae) for (const vaeDecode of decode) for (const cfg of cfgs) out.push({ textEncoder, transformer, vae: v, cfg, vaeDecode });
+  return out;
+}
+
+/** Fastest first; among equally fast, more resident bytes, then lower peak. */
+function better(a: Evaluated, b: Evaluated): boolean {
+  const dt = a.seconds - b.seconds;
+  if (Math.abs(dt) > 1e-9 * Math.max(a.seconds, b.seconds)) return dt < 0;
+  if (a.residentBytes !== b.residentBytes) return a.residentBytes > b.residentBytes;
+  return a.peakVram < b.peakVram;
+}
+
+function best(list: readonly Evaluated[]): Evaluated | undefined {
+  let top: Evaluated | undefined;
+  for (const e of list) if (top === undefined || better(e, top)) top = e;
+  return top;
+}
+
+/**
+ * The fastest candidate that fits `usable`, subject to keeping no more resident weight bytes than
+ * the plan at any larger budget keeps (down to the card's whole free VRAM, `top`). Walking the budget
+ * down from the top, the choice changes only when the current one stops fitting; its replacement is
+ * the fastest that fits below it within the resident bytes kept so far. Without this a smaller budget
+ * could hold more weights (e.g. sequential CFG making room for more resident blocks), which would
+ * make the plans hard to reason about and the engine's fallback ladder non-monotonic.
+ */
+function descend(pool: readonly Evaluated[], top: number, usable: number): Evaluated | undefined {
+  let cap = Infinity;
+  let current = best(pool.filter((e) => e.peakVram <= Math.max(top, usable)));
+  while (current !== undefined && current.peakVram > usable) {
+    cap = Math.min(cap, current.residentBytes);
+    const below = current.peakVram;
+    current = best(pool.filter((e) => e.peakVram < below && e.residentBytes <= cap));
+  }
+  return current;
+}
+
+const gib = (bytes: number) => `${(bytes / GiB).toFixed(1)} GiB`;
+const secs = (s: number) => (s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`);
+
+export function describePlacement(p: Placement, layers?: number): string {
+  switch (p.kind) {
+    case "resident":
+      return "resident";
+    case "swapped":
+      return "swapped per phase";
+    case "cpu":
+      return "on CPU";
+    case "streamed":
+      return `block-streamed (${p.residentBlocks}${layers === undefined ? "" : `/${layers}`} blocks resident, prefetch ${p.prefetch})`;
+  }
+}
+
+export function describeDecode(d: VaeDecode): string {
+  return d.mode === "full" ? "full" : `tiled (${d.tile} px tiles)`;
+}
+
+/**
+ * Plans one request: the fastest candidate whose predicted peak VRAM fits the budget less its margin
+ * and whose host RAM (and pinned memory) fits. Throws INFEASIBLE naming the smallest budget that works.
+ */
+export function plan(manifest: ModelManifest, hardware: HardwareProfile, request: PlanRequest, budget: PlanBudget = {}): Plan {
+  const level = budget.memoryLevel ?? "auto";
+  const margin = budget.margin ?? DEFAULT_MARGIN;
+  const reasons: string[] = [];
+  const askedVram = budget.vram ?? hardware.vramFree;
+  const vram = Math.min(askedVram, hardware.vramFree);
+  if (askedVram > hardware.vramFree) reasons.push(`VRAM budget ${gib(askedVram)} capped at the ${hardware.name}'s free ${gib(hardware.vramFree)}`);
+  const ram = budget.ram ?? hardware.hostRam;
+  const usable = vram * (1 - margin);
+  const tokens = videoTokens(manifest, request);
+  reasons.push(
+    `budget: VRAM ${gib(vram)} − ${Math.round(margin * 100)}% margin = ${gib(usable)} usable; host RAM ${gib(ram)} (pinned at most ${gib(hardware.pinnedLimit)})`,
+  );
+  reasons.push(
+    `request: ${request.width}x${request.height}x${request.frames}, ${request.steps} steps → ${tokens} video tokens; ` +
+      (request.guidance > 1 ? `CFG ${request.guidance} doubles the batch` : `guidance ${request.guidance}: no CFG pass`),
+  );
+  if (level !== "auto") reasons.push(`memory level ${level} (preset): ${LEVEL_MEANING[level]}`);
+
+  const all = candidates(manifest, request, level).map((c) => evaluate(manifest, hardware, request, c));
+  const hostOk = all.filter((e) => e.peakRam <= ram && e.pinnedBytes <= hardware.pinnedLimit);
+  // The descent can in principle corner itself (nothing within the resident bytes kept fits); then the fastest that fits.
+  const chosen = descend(hostOk, hardware.vramFree * (1 - margin), usable) ?? best(hostOk.filter((e) => e.peakVram <= usable));
+  if (chosen === undefined) throw infeasible(manifest, hardware, request, level, all, hostOk, vram, ram, margin);
+  const fastest = best(hostOk.filter((e) => e.peakVram <= usable))!;
+  if (fastest !== chosen) {
+    reasons.push(
+      `kept to ${gib(chosen.residentBytes)} of weights on the device, no more than any larger budget keeps, so that a smaller budget never holds more ` +
+        `(the fastest plan that fits would keep ${gib(fastest.residentBytes)} and save ${secs(chosen.seconds - fastest.seconds)})`,
+    );
+  }
+
+  explain(reasons, manifest, chosen, hostOk, usable, level);
+  return {
+    model: manifest.id,
+    hardware: hardware.name,
+    request,
+    memoryLevel: level,
+    placement: { textEncoder: chosen.textEncoder, transformer: chosen.transformer, vae: chosen.vae },
+    cfg: chosen.cfg,
+    vaeDecode: chosen.vaeDecode,
+    tokens,
+    residentBytes: chosen.residentBytes,
+    pinnedBytes: chosen.pinnedBytes,
+    budget: { vram, usableVram: usable, ram, margin },
+    predicted: {
+      peakVram: chosen.peakVram,
+      peakRam: chosen.peakRam,
+      seconds: chosen.seconds,
+      secondsPerStep: chosen.secondsPerStep,
+      phases: chosen.phases,
+    },
+    reasons,
+  };
+}
+
+const LEVEL_MEANING: Readonly<Record<MemoryLevel, string>> = {
+  0: "everything resident",
+  1: "VAE decode tiled",
+  2: "VAE decode tiled, text encoder on the CPU",
+  3: "VAE decode tiled, text encoder on the CPU, transformer block-streamed",
+};
+
+/** Logs each decision against its alternatives: what they would have cost, or why they do not fit. */
+function explain(reasons: string[], m: ModelManifest, chosen: Evaluated, pool: readonly Evaluated[], usable: number, level: MemoryLevel | "auto"): void {
+  const layers = m.transformer.shape.layers;
+  const axes: ReadonlyArray<{ name: string; key: (e: Candidate) => string; show: (e: Candidate) => string; bytes?: number }> = [
+    { name: "text encoder", key: (e) => e.textEncoder.kind, show: (e) => describePlacement(e.textEncoder), bytes: m.textEncoder.bytes },
+    { name: "transformer", key: (e) => e.transformer.kind, show: (e) => describePlacement(e.transformer, layers), bytes: m.transformer.bytes },
+    { name: "VAE", key: (e) => e.vae.kind, show: (e) => describePlacement(e.vae), bytes: m.vae.bytes },
+    { name: "CFG", key: (e) => e.cfg, show: (e) => e.cfg },
+    { name: "VAE decode", key: (e) => (e.vaeDecode.mode === "full" ? "full" : `tiled ${e.vaeDecode.tile}`), show: (e) => describeDecode(e.vaeDecode) },
+  ];
+  for (const axis of axes) {
+    const mine = axis.key(chosen);
+    const others = new Map<string, Evaluated[]>();
+    for (const e of pool) {
+      const k = axis.key(e);
+      if (k !== mine) others.set(k, [...(others.get(k) ?? []), e]);
+    }
+    const why: string[] = [];
+    for (const [k, list] of others) {
+      const fits = best(list.filter((e) => e.peakVram <= usable));
+      if (fits !== undefined) why.push(`${k} would take ${secs(fits.seconds - chosen.seconds)} more`);
+      else why.push(`${k} needs ≥ ${gib(Math.min(...list.map((e) => e.peakVram)))} peak VRAM > ${gib(usable)} usable`);
+    }
+    const size = axis.bytes === undefined ? "" : ` (${gib(axis.bytes)})`;
+    const because = why.length > 0 ? `: ${why.join("; ")}` : level === "auto" ? "" : ": fixed by the memory level";
+    reasons.push(`${axis.name}${size}: ${axis.show(chosen)}${because}`);
+  }
+  if (chosen.transformer.kind === "streamed") {
+    const hidden = chosen.blockCompute >= chosen.blockTransfer;
+    reasons.push(
+      `streaming: a block computes in ${secs(chosen.blockCompute)} and copies in ${secs(chosen.blockTransfer)} → ` +
+        (hidden ? "the copy hides behind the compute" : `the copy dominates (${(chosen.blockTransfer / chosen.blockCompute).toFixed(1)}× the compute)`),
+    );
+  }
+}
+
+function infeasible(
+  m: ModelManifest,
+  hw: HardwareProfile,
+  r: PlanRequest,
+  level: MemoryLevel | "auto",
+  all: readonly Evaluated[],
+  hostOk: readonly Evaluated[],
+  vram: number,
+  ram: number,
+  margin: number,
+): KinoError {
+  const what = `${m.id} at ${r.width}x${r.height}x${r.frames}${level === "auto" ? "" : ` at memory level ${level}`}`;
+  if (hostOk.length === 0) {
+    const needRam = Math.min(...all.filter((e) => e.pinnedBytes <= hw.pinnedLimit).map((e) => e.peakRam));
+    return new KinoError(
+      "INFEASIBLE",
+      Number.isFinite(needRam)
+        ? `${what} does not fit in ${gib(ram)} of host RAM; the smallest budget that works is --ram ${gib(needRam)}`
+        : `${what} needs more pinned host memory than the ${hw.name} allows (${gib(hw.pinnedLimit)})`,
+      { field: "ram" },
+    );
+  }
+  const smallest = Math.min(...hostOk.map((e) => e.peakVram));
+  const need = Math.ceil((smallest / (1 - margin) / GiB) * 10) / 10;
+  const onCard = need * GiB > hw.vramFree ? ` (more than the ${hw.name}'s ${gib(hw.vramFree)} free)` : "";
+  const auto = level !== "auto" ? "; or let the planner choose with --memory-level auto" : "";
+  return new KinoError(
+    "INFEASIBLE",
+    `${what} does not fit in ${gib(vram)} of VRAM; the smallest budget that works is --vram ${need.toFixed(1)}GB${onCard}` +
+      `, or use a smaller --size or --frames${auto}`,
+    { field: "vram" },
+  );
+}
+
+/** The smallest VRAM budget (bytes) that `plan` accepts for this request and level, host RAM allowing. */
+export function smallestVramBudget(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, budget: PlanBudget = {}): number {
+  const level = budget.memoryLevel ?? "auto";
+  const margin = budget.margin ?? DEFAULT_MARGIN;
+  const ram = budget.ram ?? hw.hostRam;
+  const ok = candidates(m, r, level)
+    .map((c) => evaluate(m, hw, r, c))
+    .filter((e) => e.peakRam <= ram && e.pinnedBytes <= hw.pinnedLimit);
+  return Math.min(...ok.map((e) => e.peakVram)) / (1 - margin);
+}

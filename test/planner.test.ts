@@ -1,0 +1,274 @@
+/**
+ * The planner's pure half: the manifest against published parameter counts, the cost model against
+ * measured peaks, the search's guarantees over a grid of budgets, the two GPU profiles, and
+ * `kino plan`. No GPU, no weights, no engine.
+ */
+import assert from "node:assert/strict";
+import { after, describe, test } from "node:test";
+import { planModel } from "../src/api/plan.ts";
+import { WAN21_T2V_14B, WAN21_T2V_1_3B } from "../src/catalog/wan21.ts";
+import { KinoError } from "../src/errors.ts";
+import { GiB, H100_80GB, RTX4090_24GB, type HardwareProfile } from "../src/planner/hardware.ts";
+import { modelManifest, type ModelManifest } from "../src/planner/manifest.ts";
+import { plan, smallestVramBudget, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
+import { runKino } from "./fixtures/cli.ts";
+import { removeDir, tempDir } from "./fixtures/temp.ts";
+
+const M13 = modelManifest("wan2.1-t2v-1.3b", WAN21_T2V_1_3B);
+const M14 = modelManifest("wan2.1-t2v-14b", WAN21_T2V_14B);
+const R480: PlanRequest = { width: 832, height: 480, frames: 81, steps: 50, guidance: 5 };
+const R720: PlanRequest = { width: 1280, height: 720, frames: 81, steps: 50, guidance: 5 };
+const SHORT: PlanRequest = { width: 256, height: 256, frames: 5, steps: 8, guidance: 5 };
+
+const within = (actual: number, expected: number, tolerance: number, what: string) =>
+  assert.ok(Math.abs(actual / expected - 1) <= tolerance, `${what}: ${actual.toPrecision(4)} is not within ±${tolerance * 100}% of ${expected}`);
+
+describe("manifest", () => {
+  const rows = [
+    { what: "1.3B transformer", params: M13.transformer.params, expected: 1.42e9 },
+    { what: "14B transformer", params: M14.transformer.params, expected: 14.3e9 },
+    { what: "UMT5-XXL encoder", params: M13.textEncoder.params, expected: 5.7e9 },
+  ];
+  for (const row of rows) test(`${row.what} ≈ ${row.expected.toExponential(2)} parameters (diffusers' count, ±3%)`, () => within(row.params, row.expected, 0.03, row.what));
+
+  test("blocks and rest add up to the transformer, in bf16 bytes", () => {
+    for (const m of [M13, M14]) {
+      const t = m.transformer;
+      assert.equal(t.shape.layers * t.blockParams + t.restParams, t.params);
+      assert.equal(t.bytes, 2 * t.params);
+      assert.equal(t.blockBytes, 2 * t.blockParams);
+    }
+    // The text encoder in bf16 is the 10.6 GiB docs/benchmarks.md reports resident.
+    within(M13.textEncoder.bytes / GiB, 10.6, 0.01, "UMT5 bf16 GiB");
+  });
+});
+
+describe("calibration: the all-resident plan (level 0) against measured peaks on an H100", () => {
+  const rows = [
+    { what: "1.3B 832x480x81", m: M13, r: R480, peakGiB: 22.2 },
+    { what: "14B 832x480x81", m: M14, r: R480, peakGiB: 46.6 },
+    { what: "14B 1280x720x81", m: M14, r: R720, peakGiB: 58.1 },
+  ];
+  for (const row of rows) {
+    test(`${row.what}: predicted peak within ±10% of ${row.peakGiB} GiB`, () => {
+      const p = plan(row.m, H100_80GB, row.r, { memoryLevel: 0 });
+      assert.deepEqual([p.placement.textEncoder.kind, p.placement.transformer.kind, p.placement.vae.kind, p.vaeDecode.mode], ["resident", "resident", "resident", "full"]);
+      within(p.predicted.peakVram / GiB, row.peakGiB, 0.1, "peak VRAM");
+    });
+  }
+
+  test("VAE decode at 832x480x81: full ≈ 7.3 GiB, tiled ≈ 3.8 GiB of working set", () => {
+    const full = plan(M13, H100_80GB, R480, { memoryLevel: 0 });
+    const tiled = plan(M13, H100_80GB, R480, { memoryLevel: 1 });
+    assert.deepEqual(tiled.vaeDecode, { mode: "tiled", tile: 256 });
+    within((full.predicted.phases.decode.vram - tiled.predicted.phases.decode.vram) / GiB, 7.3 - 3.8, 0.01, "full − tiled");
+    assert.ok(tiled.predicted.phases.decode.seconds > 2 * full.predicted.phases.decode.seconds, "tiling must cost time (4.71 s against 1.83 s measured)");
+  });
+
+  test("the 1.3B forward's compute matches the floor measured on the H100 (0.44 s per batch-1 forward)", () => {
+    const p = plan(M13, H100_80GB, { ...R480, guidance: 1 }, { memoryLevel: 0 });
+    within(p.predicted.secondsPerStep, 0.446 * 1.1 + 0.01, 0.05, "seconds per step, no CFG");
+  });
+});
+
+interface Scenario {
+  readonly what: string;
+  readonly m: ModelManifest;
+  readonly hw: HardwareProfile;
+  readonly r: PlanRequest;
+  readonly budget?: Omit<PlanBudget, "vram">;
+}
+
+const SCENARIOS: readonly Scenario[] = [
+  { what: "1.3B 480p on H100", m: M13, hw: H100_80GB, r: R480 },
+  { what: "14B 480p on H100", m: M14, hw: H100_80GB, r: R480 },
+  { what: "14B 720p on H100", m: M14, hw: H100_80GB, r: R720 },
+  { what: "14B short clip on H100", m: M14, hw: H100_80GB, r: SHORT },
+  { what: "1.3B 480p on 4090", m: M13, hw: RTX4090_24GB, r: R480 },
+  { what: "14B 480p on 4090", m: M14, hw: RTX4090_24GB, r: R480 },
+  { what: "14B 480p on 4090, 48 GB RAM", m: M14, hw: RTX4090_24GB, r: R480, budget: { ram: 48 * GiB } },
+  { what: "14B 480p on H100, level 3", m: M14, hw: H100_80GB, r: R480, budget: { memoryLevel: 3 } },
+  { what: "1.3B 480p on H100, no CFG", m: M13, hw: H100_80GB, r: { ...R480, guidance: 1 } },
+];
+
+/** Budgets from 2 GiB to the card's free VRAM, largest first. */
+function budgets(hw: HardwareProfile): number[] {
+  const out: number[] = [];
+  for (let g = Math.floor(hw.vramFree / GiB); g >= 2; g -= 0.5) out.push(g * GiB);
+  return out;
+}
+
+function tryPlan(s: Scenario, vram: number) {
+  try {
+    return plan(s.m, s.hw, s.r, { ...s.budget, vram });
+  } catch (err) {
+    if (err instanceof KinoError && err.code === "INFEASIBLE") return null;
+    throw err;
+  }
+}
+
+describe("over a grid of budgets", () => {
+  for (const s of SCENARIOS) {
+    test(`${s.what}: a smaller budget never yields more resident bytes nor a faster plan; the prediction stays in the budget`, () => {
+      let previous: ReturnType<typeof tryPlan> | undefined;
+      let feasible = 0;
+      for (const vram of budgets(s.hw)) {
+        const p = tryPlan(s, vram);
+        if (p === null) {
+          assert.equal(previous === null || previous === undefined || feasible > 0, true);
+          previous = null;
+          continue;
+        }
+        assert.notEqual(previous, null, `${vram / GiB} GiB is feasible but a larger budget was not`);
+        feasible++;
+        const where = `${s.what} at ${vram / GiB} GiB`;
+        assert.ok(p.predicted.peakVram <= vram * 0.9 + 1, `${where}: peak ${p.predicted.peakVram / GiB} GiB over the usable budget`);
+        assert.ok(p.predicted.peakRam <= (s.budget?.ram ?? s.hw.hostRam), `${where}: host RAM over budget`);
+        assert.ok(p.pinnedBytes <= s.hw.pinnedLimit, `${where}: pinned memory over the limit`);
+        if (previous) {
+          assert.ok(p.residentBytes <= previous.residentBytes, `${where}: ${p.residentBytes} resident bytes > ${previous.residentBytes} at a larger budget`);
+          assert.ok(p.predicted.seconds >= previous.predicted.seconds - 1e-9, `${where}: faster than at a larger budget`);
+        }
+        previous = p;
+      }
+      assert.ok(feasible > 0, `${s.what}: no budget was feasible`);
+    });
+  }
+});
+
+describe("infeasible requests name the smallest budget that works", () => {
+  const rows: ReadonlyArray<Scenario & { readonly vram: number }> = [
+    { what: "14B 720p in 4 GB", m: M14, hw: RTX4090_24GB, r: R720, vram: 4 * GiB },
+    { what: "14B 480p in 3 GB", m: M14, hw: H100_80GB, r: R480, vram: 3 * GiB },
+    { what: "1.3B 480p at level 0 in 16 GB", m: M13, hw: H100_80GB, r: R480, vram: 16 * GiB, budget: { memoryLevel: 0 } },
+    { what: "14B 480p at level 2 in 20 GB", m: M14, hw: RTX4090_24GB, r: R480, vram: 20 * GiB, budget: { memoryLevel: 2 } },
+  ];
+  for (const row of rows) {
+    test(row.what, () => {
+      let error: KinoError | undefined;
+      try {
+        plan(row.m, row.hw, row.r, { ...row.budget, vram: row.vram });
+      } catch (err) {
+        error = err as KinoError;
+      }
+      assert.ok(error instanceof KinoError, "must throw a KinoError");
+      assert.deepEqual([error.code, error.field, error.exitCode, error.httpStatus], ["INFEASIBLE", "vram", 2, 422]);
+      const named = /smallest budget that works is --vram (\d+\.\d)GB/.exec(error.message);
+      assert.ok(named !== null, error.message);
+      const need = Number(named[1]) * GiB;
+      const smallest = smallestVramBudget(row.m, row.hw, row.r, row.budget);
+      assert.ok(need >= smallest && need - smallest < 0.1 * GiB, `named ${need / GiB} GiB, smallest ${smallest / GiB} GiB`);
+      // The named budget works (if the card has it) and a little less does not.
+      if (need <= row.hw.vramFree) assert.ok(plan(row.m, row.hw, row.r, { ...row.budget, vram: need }));
+      assert.throws(() => plan(row.m, row.hw, row.r, { ...row.budget, vram: need - 0.2 * GiB }), /INFEASIBLE|does not fit/);
+    });
+  }
+
+  test("a RAM budget too small for anything names --ram", () => {
+    assert.throws(() => plan(M14, RTX4090_24GB, R480, { ram: 2 * GiB }), (err: KinoError) => err.code === "INFEASIBLE" && err.field === "ram" && /--ram \d/.test(err.message));
+  });
+});
+
+describe("a 24 GB PCIe 4 card against an 80 GB card, same request", () => {
+  const rows = [
+    {
+      what: "1.3B 480p: the H100 keeps everything resident; the 4090 moves something off the card",
+      m: M13, r: R480,
+      h100: (p: ReturnType<typeof plan>) => p.residentBytes === M13.textEncoder.bytes + M13.transformer.bytes + M13.vae.bytes,
+      // Swapping a component costs a fraction of a second on PCIe 4; tiling the decode costs seconds.
+      rtx: (p: ReturnType<typeof plan>) => Object.values(p.placement).some((x) => x.kind !== "resident") && p.vaeDecode.mode === "full",
+    },
+    {
+      what: "14B 480p: resident on the H100, block-streamed on the 4090 with the copy hidden",
+      m: M14, r: R480,
+      h100: (p: ReturnType<typeof plan>) => p.placement.transformer.kind === "resident",
+      rtx: (p: ReturnType<typeof plan>) => p.placement.transformer.kind === "streamed" && p.reasons.some((l) => /copy hides behind the compute/.test(l)),
+    },
+    {
+      what: "14B 720p: the 4090 keeps fewer blocks resident than at 480p (larger activations)",
+      m: M14, r: R720,
+      h100: (p: ReturnType<typeof plan>) => p.placement.transformer.kind === "resident",
+      rtx: (p: ReturnType<typeof plan>) => {
+        const at480 = plan(M14, RTX4090_24GB, R480).placement.transformer;
+        return p.placement.transformer.kind === "streamed" && at480.kind === "streamed" && p.placement.transformer.residentBlocks < at480.residentBlocks;
+      },
+    },
+    {
+      what: "14B short clip: on the 4090 the copies dominate the compute",
+      m: M14, r: SHORT,
+      h100: (p: ReturnType<typeof plan>) => p.placement.transformer.kind === "resident",
+      rtx: (p: ReturnType<typeof plan>) => p.reasons.some((l) => /the copy dominates/.test(l)),
+    },
+  ];
+  for (const row of rows) {
+    test(row.what, () => {
+      const h = plan(row.m, H100_80GB, row.r);
+      const g = plan(row.m, RTX4090_24GB, row.r);
+      assert.ok(row.h100(h), `H100 plan: ${h.reasons.join("\n")}`);
+      assert.ok(row.rtx(g), `4090 plan: ${g.reasons.join("\n")}`);
+      assert.ok(g.predicted.seconds > 2 * h.predicted.seconds, "the 4090 has a quarter of the H100's compute");
+    });
+  }
+
+  test("at the same 16 GB budget, streaming the 14B costs the PCIe 4 card more per step than it costs the H100", () => {
+    const overhead = (hw: HardwareProfile) => {
+      const streamed = plan(M14, hw, SHORT, { vram: 16 * GiB, memoryLevel: 3 }).predicted.secondsPerStep;
+      const resident = plan(M14, hw, SHORT, { memoryLevel: 3, vram: hw.vramFree }).predicted.secondsPerStep;
+      return streamed / resident;
+    };
+    assert.ok(overhead(RTX4090_24GB) > 1, "the 4090 must pay for streaming a short clip");
+    const h = plan(M14, H100_80GB, SHORT, { vram: 16 * GiB });
+    const g = plan(M14, RTX4090_24GB, SHORT, { vram: 16 * GiB });
+    const transfer = (p: ReturnType<typeof plan>) => p.reasons.find((l) => l.startsWith("streaming"))!;
+    assert.match(transfer(g), /copies in 0\.03 s/);
+    assert.match(transfer(h), /copies in 0\.01 s/);
+  });
+});
+
+describe("kino plan", () => {
+  const home = tempDir("kino-plan-");
+  after(() => removeDir(home));
+
+  test("prints a table of placements, phases and reasons; starts no engine", async () => {
+    const r = await runKino(["plan", "--model", "wan2.1-t2v-14b", "--gpu", "rtx4090-24gb"], { home });
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.starts, 0);
+    assert.match(r.stdout, /^transformer +26\.6 GiB +block-streamed \(\d+\/40 blocks resident, prefetch 1\)$/m);
+    assert.match(r.stdout, /^text encoder +10\.6 GiB +/m);
+    assert.match(r.stdout, /^denoise +\d+\.\d GiB +\d+\.\d s$/m);
+    assert.match(r.stdout, /^why:\n {2}- budget: VRAM 23\.1 GiB/m);
+  });
+
+  test("--json: the Plan as one object", async () => {
+    const r = await runKino(["plan", "--size", "1280x720", "--vram", "24GB", "--ram", "64GB", "--json"], { home });
+    assert.equal(r.code, 0, r.stderr);
+    const out = JSON.parse(r.stdout);
+    assert.equal(out.ok, true);
+    assert.deepEqual([out.plan.model, out.plan.request.width, out.plan.budget.vram], ["wan2.1-t2v-1.3b", 1280, 24 * GiB]);
+    assert.ok(out.plan.predicted.peakVram <= out.plan.budget.usableVram);
+    assert.ok(Array.isArray(out.plan.reasons) && out.plan.reasons.length >= 5);
+  });
+
+  const bad = [
+    { args: ["--vram", "12x"], says: /^kino: --vram: must be a size such as 12GB or 512MB; got "12x" \[INVALID_ARGUMENT\]/ },
+    { args: ["--ram", "-3GB"], says: /^kino: --ram: must be a size/ },
+    { args: ["--memory-level", "4"], says: /^kino: --memory-level: must be 0, 1, 2, 3 or auto; got "4"/ },
+    { args: ["--gpu", "a100"], says: /^kino: --gpu: unknown GPU profile "a100"; known: h100-80gb, rtx4090-24gb/ },
+    { args: ["--frames", "80"], says: /^kino: --frames: must be a whole number of the form 4k\+1/ },
+    { args: ["--model", "tiny"], says: /^kino: --model: tiny has no full-size architecture/ },
+    { args: ["--model", "wan2.1-t2v-14b", "--vram", "3GB"], says: /^kino: --vram: .*smallest budget that works is --vram \d+\.\dGB.*\[INFEASIBLE\]/ },
+  ];
+  for (const row of bad) {
+    test(`refuses ${row.args.join(" ")} with exit 2, naming the flag`, async () => {
+      const r = await runKino(["plan", ...row.args], { home });
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(r.stderr, row.says);
+    });
+  }
+
+  test("planModel takes the model's defaults", () => {
+    const { plan: p } = planModel({});
+    assert.deepEqual(p.request, { width: 832, height: 480, frames: 81, steps: 50, guidance: 5 });
+    assert.equal(p.hardware, "h100-80gb");
+  });
+});
