@@ -40,11 +40,11 @@ import torch
 from . import __version__
 from .floor import measure_floor
 from .pipelines.wan import WanT2V
-from .runtime.optimize import optimize
 from .protocol import JobSpec, parse_job_spec, parse_model_spec
+from .runtime.optimize import optimize
 from .runtime.options import RuntimeOptions
 from .tool_answer import answer, read_spec
-from .video import encode_mp4
+from .video import StreamingMp4Writer, encode_mp4
 
 
 def log(message: str) -> None:
@@ -191,8 +191,6 @@ def _sync(device: torch.device) -> None:
 
 def run_kino(model: WanT2V, job: JobSpec, video_path: str) -> dict[str, Any]:
     """One kino generation (text encode, denoise, decode, MP4 encode), probed."""
-    from .video import StreamingMp4Writer
-
     device = model.device
     clock = Clock(device)
     _memory_reset(device)

@@ -18,14 +18,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-#: Exact SDPA backends tried for the attention floor.
-BACKENDS = {
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-}
+from .runtime.attention import AUTO_CANDIDATES, BACKENDS, AttentionBackend
 
 
 @dataclass(frozen=True)
@@ -100,7 +94,7 @@ def block_gemm_seconds(shape: WanShape, dtype: torch.dtype, repeats: int = 5) ->
 
 
 def attention_seconds(
-    shape: WanShape, dtype: torch.dtype, backend: SDPBackend, repeats: int = 5
+    shape: WanShape, dtype: torch.dtype, backend: AttentionBackend, repeats: int = 5
 ) -> float | None:
     """One block's self- plus cross-attention with `backend`; None if it cannot run this shape."""
     head_dim = shape.width // shape.heads
@@ -111,7 +105,7 @@ def attention_seconds(
     vt = torch.randn_like(kt)
 
     def attend() -> None:
-        with sdpa_kernel([backend]):
+        with backend.context():
             F.scaled_dot_product_attention(q, k, v)
             F.scaled_dot_product_attention(q, kt, vt)
 
@@ -125,7 +119,8 @@ def measure_floor(config: Any, tokens: int, dtype: torch.dtype, batch: int = 1, 
     """The floor of one forward of batch `batch`, with the rates it implies and each backend's time."""
     shape = WanShape.of(config, tokens, text_tokens, batch)
     gemm_s = block_gemm_seconds(shape, dtype) * shape.layers
-    backends = {name: attention_seconds(shape, dtype, b) for name, b in BACKENDS.items()}
+    # The exact GPU backends the runtime's "auto" chooses from (runtime/attention.py's registry).
+    backends = {name: attention_seconds(shape, dtype, BACKENDS[name]) for name in AUTO_CANDIDATES}
     timed = {name: s * shape.layers for name, s in backends.items() if s is not None}
     best = min(timed, key=timed.__getitem__)
     attention_s = timed[best]
@@ -137,7 +132,7 @@ def measure_floor(config: Any, tokens: int, dtype: torch.dtype, batch: int = 1, 
         "linearS": gemm_s,
         "attentionS": attention_s,
         "attentionBackend": best,
-        "attentionByBackendS": {name: timed.get(name) for name in BACKENDS},
+        "attentionByBackendS": {name: timed.get(name) for name in AUTO_CANDIDATES},
         "floorS": gemm_s + attention_s,
         "gemmTflops": shape.linear_flops() / gemm_s / 1e12,
         "attentionTflops": shape.attention_flops() / attention_s / 1e12,
