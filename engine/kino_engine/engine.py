@@ -117,7 +117,7 @@ class Engine:
         def progress(component: str, done: int, total: int) -> None:
             emit(load_event(component, done, total))
 
-        model = run_classified(lambda: "load", lambda: WanT2V.load(spec, progress, runtime=spec.runtime))
+        model = run_classified(lambda: "load", lambda: WanT2V.load(spec, progress, runtime=spec.runtime, memory=spec.memory))
         if model.vae.dtype != model.dtype:
             emit(log_event("info", f"VAE kept in {str(model.vae.dtype).removeprefix('torch.')} while the model runs "
                                    f"in {spec.dtype}: Wan's VAE is run in float32 (as diffusers' Wan examples do)"))
@@ -134,6 +134,11 @@ class Engine:
             "vaeScaleTemporal": model.vae_scale_temporal,
             "components": component_infos(model),
             "loadMs": load_ms,
+            "memory": {
+                "pinnedBytes": model.placer.pinned_bytes,
+                "vramBudget": model.placer.plan.vram_budget,
+                "deviceWeightBytes": vram_allocated(model.device),
+            },
         }
 
     def generate(self, job: JobSpec, emit: Emit, cancel: CancelToken | None = None) -> dict[str, Any]:
@@ -212,13 +217,25 @@ class Engine:
                 "totalMs": _ms_since(started),
             },
             "secondsPerStep": denoise_ms / 1000.0 / job.steps,
-            "peakVramBytes": vram_peak(model.device),
+            "peakVramBytes": _max_or_none(vram_peak(model.device), *video.phase_peak_vram.values()),
+            "phasePeakVramBytes": _phase_peaks(video.phase_peak_vram) if model.device.type == "cuda" else None,
             "peakRamBytes": ram.peak(),
             "cache": {
                 "promptHits": cache_after.hits - cache_before.hits,
                 "promptMisses": cache_after.misses - cache_before.misses,
             },
         }
+
+
+def _max_or_none(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _phase_peaks(peaks: dict[str, int]) -> dict[str, int]:
+    """The protocol's names for the pipeline's per-phase peaks."""
+    names = {"text_encode": "textEncode", "denoise": "denoise", "decode": "decode"}
+    return {names[k]: v for k, v in peaks.items() if k in names}
 
 
 def component_infos(model: WanT2V) -> list[dict[str, Any]]:

@@ -24,6 +24,8 @@ from types import MappingProxyType
 from typing import Any, BinaryIO, Callable, Literal, Mapping, Union
 
 from .runtime.options import RuntimeOptions
+from .runtime.placement import ALLOWED as PLACEMENTS_ALLOWED
+from .runtime.placement import MemoryPlan, Placement
 
 PROTOCOL_VERSION = 1
 
@@ -219,11 +221,15 @@ class ModelSpec:
     dtype: Literal["bfloat16", "float16", "float32"]
     #: The hot path's options; None takes RuntimeOptions() (batched CFG, measured attention, no compile).
     runtime: RuntimeOptions | None = None
+    #: Where each component lives and the device bytes allowed (the planner's plan); None: all resident.
+    memory: MemoryPlan | None = None
 
     def __post_init__(self) -> None:
         _check_str(self.name, "name", min_length=1)
         if self.runtime is not None and not isinstance(self.runtime, RuntimeOptions):
             raise _bad("runtime", "expected RuntimeOptions")
+        if self.memory is not None and not isinstance(self.memory, MemoryPlan):
+            raise _bad("memory", "expected a MemoryPlan")
         if not isinstance(self.source, (CheckpointSource, RandomSource)):
             raise _bad("source", "expected a CheckpointSource or a RandomSource")
         _check_choice(self.device, "device", DEVICES)
@@ -245,6 +251,25 @@ class JobOutput:
 
 
 @dataclass(frozen=True)
+class VaeDecode:
+    """How the VAE decodes: whole (streamed frame by frame where possible) or in spatial tiles."""
+
+    mode: Literal["full", "tiled"] = "full"
+    #: "tiled": tile side in pixels (a multiple of 32); tiles overlap by a quarter.
+    tile: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.mode, "mode", ("full", "tiled"))
+        if self.mode == "tiled":
+            _check_int(self.tile, "tile", minimum=64)
+            if int(self.tile) % 32:  # type: ignore[arg-type]
+                raise _bad("tile", f"must be a multiple of 32, got {self.tile!r}")
+            object.__setattr__(self, "tile", int(self.tile))  # type: ignore[arg-type]
+        elif self.tile is not None:
+            raise _bad("tile", "only a tiled decode takes a tile size")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One text-to-video generation."""
 
@@ -262,6 +287,10 @@ class JobSpec:
     #: Frames per second of the video; None takes the model's.
     fps: float | None
     output: JobOutput = field(default_factory=lambda: JobOutput(None, None))
+    #: The VAE's decode mode (the plan's); None: full.
+    vae_decode: VaeDecode | None = None
+    #: Guidance as one batch-2 forward or two forwards (the plan's); None: the model's runtime option.
+    cfg: Literal["batched", "sequential"] | None = None
 
     def __post_init__(self) -> None:
         _check_str(self.prompt, "prompt")
@@ -276,6 +305,10 @@ class JobSpec:
             _check_number(self.fps, "fps", positive=True)
         if not isinstance(self.output, JobOutput):
             raise _bad("output", "expected a JobOutput")
+        if self.vae_decode is not None and not isinstance(self.vae_decode, VaeDecode):
+            raise _bad("vaeDecode", "expected a VaeDecode")
+        if self.cfg is not None:
+            _check_choice(self.cfg, "cfg", ("batched", "sequential"))
         for name in ("width", "height", "frames", "steps", "seed"):
             object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "guidance", float(self.guidance))
@@ -389,8 +422,9 @@ def parse_model_spec(value: Any, path: str = "model") -> ModelSpec:
     else:
         raise _bad(f"{source_path}.kind", f"expected 'checkpoint' or 'random', got {kind!r}")
     runtime = _parse_runtime(obj["runtime"], f"{path}.runtime") if obj.get("runtime") is not None else None
+    memory = parse_memory_plan(obj["memory"], f"{path}.memory") if obj.get("memory") is not None else None
     return _build(
-        path, ModelSpec, source=source, runtime=runtime,
+        path, ModelSpec, source=source, runtime=runtime, memory=memory,
         **_fields(obj, path, {"name": "name", "device": "device", "dtype": "dtype"}),
     )
 
@@ -411,6 +445,30 @@ def _parse_runtime(value: Any, path: str) -> RuntimeOptions:
         raise _bad(path, str(exc)) from exc
 
 
+def _parse_placement(value: Any, path: str, component: str) -> Placement:
+    obj = _object(value, path)
+    kind = _get(obj, "kind", path)
+    _check_choice(kind, f"{path}.kind", PLACEMENTS_ALLOWED[component])
+    if kind != "streamed":
+        return Placement(kind)
+    resident = _get(obj, "residentBlocks", path)
+    prefetch = _get(obj, "prefetch", path)
+    _check_int(resident, f"{path}.residentBlocks", minimum=0)
+    _check_int(prefetch, f"{path}.prefetch", minimum=1)
+    return Placement(kind, int(resident), int(prefetch))
+
+
+def parse_memory_plan(value: Any, path: str) -> MemoryPlan:
+    obj = _object(value, path)
+    keys = {"text_encoder": "textEncoder", "transformer": "transformer", "vae": "vae"}
+    placements = {attr: _parse_placement(_get(obj, key, path), f"{path}.{key}", attr) for attr, key in keys.items()}
+    budget = _get(obj, "vramBudget", path, optional=True)
+    if budget is not None:
+        _check_int(budget, f"{path}.vramBudget", minimum=1)
+        budget = int(budget)
+    return MemoryPlan(vram_budget=budget, **placements)
+
+
 def parse_job_spec(value: Any, path: str = "job") -> JobSpec:
     obj = _object(value, path)
     out_path = f"{path}.output"
@@ -428,7 +486,16 @@ def parse_job_spec(value: Any, path: str = "job") -> JobSpec:
         "seed": "seed",
         "fps": "fps",
     }
-    return _build(path, JobSpec, output=output, **_fields(obj, path, names))
+    decode = _get(obj, "vaeDecode", path, optional=True)
+    vae_decode = None
+    if decode is not None:
+        decode_path = f"{path}.vaeDecode"
+        decode_obj = _object(decode, decode_path)
+        vae_decode = _build(
+            decode_path, VaeDecode, mode=_get(decode_obj, "mode", decode_path), tile=decode_obj.get("tile")
+        )
+    cfg = _get(obj, "cfg", path, optional=True)
+    return _build(path, JobSpec, output=output, vae_decode=vae_decode, cfg=cfg, **_fields(obj, path, names))
 
 
 def parse_request(obj: Any) -> Request:

@@ -245,7 +245,7 @@ export function benchReport(raw: BenchRaw, now: Date = new Date()): BenchReport 
 
 /** A file name that sorts by date and says what was measured: 2026-11-22-h100-wan2.1-t2v-1.3b-832x480x81.json */
 export function reportFileName(report: BenchReport): string {
-  const gpu = (report.environment.gpu ?? "cpu").toLowerCase().replace(/nvidia|hbm3e?|\d+gb/g, "").trim().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
+  const gpu = gpuSlug(report.environment.gpu);
   const { width, height, frames, steps } = report.spec.job;
   const commit = report.spec.provenance.commit?.slice(0, 7);
   return `${report.recordedAt.slice(0, 10)}-${gpu}-${report.spec.model.name}-${width}x${height}x${frames}-${steps}steps${commit ? `-${commit}` : ""}.json`;
@@ -253,8 +253,13 @@ export function reportFileName(report: BenchReport): string {
 
 /** Writes the report into `dir` (temporary name, then rename); returns its path. Never replaces a record. */
 export async function recordBench(report: BenchReport, dir: string): Promise<string> {
+  return writeRecord(report, dir, reportFileName(report));
+}
+
+/** Writes `report` as `dir/name` (temporary name, then rename); refuses to replace an existing record. */
+export async function writeRecord(report: unknown, dir: string, name: string): Promise<string> {
   await mkdir(dir, { recursive: true });
-  const path = join(dir, reportFileName(report));
+  const path = join(dir, name);
   if (await stat(path).then(() => true, () => false)) {
     throw new KinoError("INVALID_ARGUMENT", `${path} already exists: a recorded measurement is never replaced; move it away first or record into another folder`, { field: "record" });
   }
@@ -262,4 +267,9 @@ export async function recordBench(report: BenchReport, dir: string): Promise<str
   await writeFile(partial, JSON.stringify(report, null, 2) + "\n");
   await rename(partial, path);
   return path;
+}
+
+/** The GPU's short name for record file names: "NVIDIA H100 80GB HBM3" → "h100". */
+export function gpuSlug(gpu: string | undefined): string {
+  return (gpu ?? "cpu").toLowerCase().replace(/nvidia|hbm3e?|\d+gb/g, "").trim().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
 }

@@ -17,6 +17,7 @@ import { toKinoError } from "../errors.ts";
 import { createLogger } from "../log.ts";
 import type { CliContext } from "./context.ts";
 import { benchCommand } from "./bench.ts";
+import { benchMemoryCommand } from "./bench-memory.ts";
 import { doctorCommand } from "./doctor.ts";
 import { formatError } from "./format.ts";
 import { generateCommand } from "./generate.ts";
@@ -25,7 +26,7 @@ import { planCommand } from "./plan.ts";
 import { profileCommand } from "./profile.ts";
 
 /** Every command, one file each. */
-const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand, benchCommand, profileCommand, planCommand];
+const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand, benchCommand, benchMemoryCommand, profileCommand, planCommand];
 
 /** Exit status of a command line the parser refused (unknown flag, missing value). */
 const USAGE_EXIT = 2;

@@ -85,6 +85,29 @@ export const RuntimeSpec = z.object({
 });
 export type RuntimeSpec = z.infer<typeof RuntimeSpec>;
 
+/** Where one component's weights live during a generation (the planner's decision; runtime/placement.py executes it). */
+export const PlacementSpec = z.discriminatedUnion("kind", [
+  /** On the device for the whole generation. */
+  z.object({ kind: z.literal("resident") }),
+  /** In pinned host memory; copied onto the device only while its phase runs. */
+  z.object({ kind: z.literal("swapped") }),
+  /** Transformer only: its first `residentBlocks` blocks stay, the rest stream `prefetch` blocks ahead from pinned host memory. */
+  z.object({ kind: z.literal("streamed"), residentBlocks: z.number().int().nonnegative(), prefetch: z.number().int().positive() }),
+  /** Text encoder only: runs on the host CPU. */
+  z.object({ kind: z.literal("cpu") }),
+]);
+export type PlacementSpec = z.infer<typeof PlacementSpec>;
+
+/** A memory plan the engine executes at load. */
+export const MemorySpec = z.object({
+  textEncoder: PlacementSpec,
+  transformer: PlacementSpec,
+  vae: PlacementSpec,
+  /** Device bytes the engine process may allocate (enforced in-process); null: no cap. */
+  vramBudget: Bytes.nullable(),
+});
+export type MemorySpec = z.infer<typeof MemorySpec>;
+
 export const ModelSpec = z.object({
   /** A display name: the catalog id or the folder. */
   name: z.string().min(1),
@@ -94,6 +117,8 @@ export const ModelSpec = z.object({
   dtype: DType,
   /** The hot path's options; absent: batched CFG, measured attention, no compile, nothing persisted. */
   runtime: RuntimeSpec.optional(),
+  /** Where each component lives and the VRAM cap; absent: everything resident, no cap. */
+  memory: MemorySpec.optional(),
 });
 export type ModelSpec = z.infer<typeof ModelSpec>;
 
@@ -116,6 +141,15 @@ export const JobSpec = z.object({
     /** Folder for a lossless PNG sequence (frame_00000.png, …); null for none. */
     framesDir: z.string().min(1).nullable(),
   }),
+  /** How the VAE decodes (the plan's); absent: whole. Tiles overlap by a quarter. */
+  vaeDecode: z
+    .discriminatedUnion("mode", [
+      z.object({ mode: z.literal("full") }),
+      z.object({ mode: z.literal("tiled"), tile: z.number().int().min(64).multipleOf(32) }),
+    ])
+    .optional(),
+  /** Guidance as one batch-2 forward or two forwards (the plan's); absent: the model's runtime option. */
+  cfg: z.enum(["batched", "sequential"]).optional(),
 });
 export type JobSpec = z.infer<typeof JobSpec>;
 
@@ -186,6 +220,10 @@ export const LoadResult = z.object({
   vaeScaleTemporal: z.number().int().positive(),
   components: z.array(ComponentInfo),
   loadMs: z.number().nonnegative(),
+  /** What the memory plan did: pinned host bytes held, the VRAM cap, device bytes after load (null on CPU). */
+  memory: z
+    .object({ pinnedBytes: Bytes, vramBudget: Bytes.nullable(), deviceWeightBytes: Bytes.nullable() })
+    .optional(),
 });
 export type LoadResult = z.infer<typeof LoadResult>;
 
@@ -209,6 +247,11 @@ export const GenerateResult = z.object({
   peakVramBytes: Bytes.nullable(),
   /** Peak resident set size of the engine process. */
   peakRamBytes: Bytes,
+  /** Peak device memory per phase (what the planner learns from); null on CPU. */
+  phasePeakVramBytes: z
+    .object({ textEncode: Bytes.optional(), denoise: Bytes.optional(), decode: Bytes.optional() })
+    .nullable()
+    .optional(),
   /**
    * The engine's caches during this job: prompt embeddings served from the cache (hits) or encoded
    * (misses), counting the negative prompt when guidance runs. Absent from engines that predate it.

@@ -40,7 +40,9 @@ from ..protocol import CheckpointSource, EngineFailure, JobSpec, ModelSpec, Phas
 from ..runtime.attention import AttentionShape
 from ..runtime.hotloop import GuidanceBuffers, StepTimer, make_stepper
 from ..runtime.optimize import Runtime, optimize
+from ..runtime.memory import free_device_memory
 from ..runtime.options import RuntimeOptions
+from ..runtime.placement import COMPONENTS, MemoryPlan, Placer
 from ..system import resolve_device, torch_dtype
 from .wan_components import (
     TEXT_ENCODER_MAX_LENGTH,
@@ -88,6 +90,8 @@ class WanVideo:
     phase_ms: dict[str, float] = field(default_factory=dict)
     #: (F, H, W) of the video, streamed or not.
     shape: tuple[int, ...] = ()
+    #: Peak device bytes allocated during each phase (torch's counter); empty off CUDA.
+    phase_peak_vram: dict[str, int] = field(default_factory=dict)
 
 
 class WanT2V:
@@ -104,6 +108,7 @@ class WanT2V:
         device: torch.device,
         dtype: torch.dtype,
         runtime: RuntimeOptions | None = None,
+        memory: MemoryPlan | None = None,
     ):
         self.transformer = components.transformer
         self.vae = components.vae
@@ -113,23 +118,47 @@ class WanT2V:
         self.scheduler_config = dict(components.scheduler_config)
         self.device = device
         self.dtype = dtype
+        # Placement before the runtime's optimizations: compile wraps blocks the streamer leaves in place.
+        self.placer = Placer.apply(
+            memory or MemoryPlan(),
+            device,
+            {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae},
+        )
         self.runtime: Runtime = optimize(self.transformer, device, dtype, runtime or RuntimeOptions())
 
     @classmethod
     def load(
-        cls, spec: ModelSpec, on_progress: OnProgress | None = None, runtime: RuntimeOptions | None = None
+        cls,
+        spec: ModelSpec,
+        on_progress: OnProgress | None = None,
+        runtime: RuntimeOptions | None = None,
+        memory: MemoryPlan | None = None,
     ) -> WanT2V:
-        """Build from a checkpoint folder (validated first) or a random-weight architecture, then
-        apply `runtime` (default RuntimeOptions()) to the transformer."""
+        """Build from a checkpoint folder (validated first) or a random-weight architecture, place
+        the components as `memory` says (default: all resident) and apply `runtime` (default
+        RuntimeOptions()) to the transformer. Components kept off the device load to the host."""
         device = resolve_device(spec.device)
         dtype = torch_dtype(spec.dtype)
+        memory = memory or MemoryPlan()
         progress = on_progress or (lambda component, done, total: None)
+        host = torch.device("cpu")
+        targets = {name: device if getattr(memory, name).kind == "resident" else host for name in COMPONENTS}
         if isinstance(spec.source, CheckpointSource):
             checkpoint = inspect_checkpoint(spec.source.path)
-            components = load_checkpoint_components(checkpoint, device, dtype, progress)
+            components = load_checkpoint_components(checkpoint, device, dtype, progress, targets)
         else:
-            components = build_random_components(spec.source.architecture, spec.source.seed, device, dtype, progress)
-        return cls(components, device, dtype, runtime)
+            components = build_random_components(
+                spec.source.architecture, spec.source.seed, device, dtype, progress, targets
+            )
+        return cls(components, device, dtype, runtime, memory)
+
+    def replace(self, memory: MemoryPlan) -> None:
+        """Undo the current memory plan and apply `memory`; the components stay loaded."""
+        self.placer.release()
+        free_device_memory()
+        self.placer = Placer.apply(
+            memory, self.device, {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae}
+        )
 
     # ---- geometry ----
 
@@ -157,7 +186,8 @@ class WanT2V:
 
     def forward_batch(self, job: JobSpec) -> int:
         """The transformer's batch per forward: 2 when guidance runs batched, else 1."""
-        return 2 if job.guidance > 1.0 and self.runtime.options.batched_cfg else 1
+        batched = self.runtime.options.batched_cfg if job.cfg is None else job.cfg == "batched"
+        return 2 if job.guidance > 1.0 and batched else 1
 
     def attention_shape(self, job: JobSpec) -> AttentionShape:
         """Self-attention's (B, heads, N tokens, head dim) for the job: N = F'/pt * H'/ph * W'/pw."""
@@ -212,14 +242,16 @@ class WanT2V:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        ids = tokens.input_ids.to(self.device)  # (1, L)
-        mask = tokens.attention_mask.to(self.device)  # (1, L), ones then zeros
-        hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (1, L, D)
+        where = self.placer.device_of("text_encoder")  # the host when the plan runs it on the CPU
+        ids = tokens.input_ids.to(where)  # (1, L)
+        mask = tokens.attention_mask.to(where)  # (1, L), ones then zeros
+        with self.placer.active("text_encoder"):
+            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (1, L, D)
         hidden = hidden.to(self.text_encoder.dtype)
         # Positions past the prompt's length become exact zeros (Wan trims and zero-pads; with a
         # right-padded mask this is the same, without a host sync to read the length).
         hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
-        return hidden.to(self.dtype)
+        return hidden.to(self.device, self.dtype)
 
     def initial_latents(self, job: JobSpec) -> torch.Tensor:
         """Seeded noise (1, C, F', H', W') drawn on the CPU in float32, so a seed means one video everywhere."""
@@ -259,14 +291,15 @@ class WanT2V:
         )
         step, _ = make_stepper(scheduler, n)
         timer = StepTimer(self.device, n, on_step, self.runtime.options.max_steps_ahead)
-        for i in range(n):
-            if is_cancelled is not None and is_cancelled():
-                raise EngineFailure("CANCELLED", f"cancelled before step {i + 1} of {n}", phase="denoise")
-            timer.begin(i)
-            velocity = self._velocity(buffers, latents, timesteps[i], job.guidance if guided else None)
-            latents = step(velocity, latents)
-            timer.end(i)
-        timer.finish()
+        with self.placer.active("transformer"):
+            for i in range(n):
+                if is_cancelled is not None and is_cancelled():
+                    raise EngineFailure("CANCELLED", f"cancelled before step {i + 1} of {n}", phase="denoise")
+                timer.begin(i)
+                velocity = self._velocity(buffers, latents, timesteps[i], job.guidance if guided else None)
+                latents = step(velocity, latents)
+                timer.end(i)
+            timer.finish()
         if is_cancelled is not None and is_cancelled():
             raise EngineFailure("CANCELLED", f"cancelled after step {n} of {n}", phase="denoise")
         return latents
@@ -306,18 +339,16 @@ class WanT2V:
         buffers = GuidanceBuffers(
             latents, embeds, embeds if guided else None, self.forward_batch(job), self.transformer.dtype
         )
-        self._velocity(buffers, latents, scheduler.timesteps[0], job.guidance if guided else None)
-        _sync(self.device)
+        with self.placer.active("transformer"):
+            self._velocity(buffers, latents, scheduler.timesteps[0], job.guidance if guided else None)
+            _sync(self.device)
         return (time.perf_counter() - started) * 1000.0
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """VAE-decode normalized latents (1, C, F', H', W') into uint8 frames (F, H, W, 3)."""
-        config = self.vae.config
-        latents = latents.to(self.device, self.vae.dtype)
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        video = self.vae.decode(latents * std + mean, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
+        with self.placer.active("vae"):
+            video = self.vae.decode(self._denormalize(latents), return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
         frames = video[0].permute(1, 2, 3, 0)  # (F, H, W, 3)
         # Same rounding as diffusers' VideoProcessor + numpy_to_pil: [0, 1] in float32, *255, round half even.
         frames = (frames * 0.5 + 0.5).clamp(0, 1).float()
@@ -374,30 +405,34 @@ class WanT2V:
             return
         vae = self.vae
         cuda = z.device.type == "cuda"
-        pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
         vae.clear_cache()
-        try:
-            x = vae.post_quant_conv(z)
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                kwargs = {"first_chunk": True} if i == 0 else {}
-                out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kwargs)
-                chunk = self._to_uint8(torch.clamp(out, min=-1.0, max=1.0))
-                del out
-                if not cuda:
-                    yield chunk.numpy()
-                    continue
-                host = torch.empty(chunk.shape, dtype=torch.uint8, pin_memory=True)
-                host.copy_(chunk, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-                if pending is not None:  # chunk i is queued; now wait for chunk i-1's copy and hand it on
-                    yield _ready(*pending)
-                pending = (host, ready)
-            if pending is not None:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.placer.active("vae"))
+            stack.callback(vae.clear_cache)
+            yield from self._decode_chunks(vae, z, cuda)
+
+    def _decode_chunks(self, vae: torch.nn.Module, z: torch.Tensor, cuda: bool) -> Iterator[np.ndarray]:
+        """decode_stream's chunks for denormalized latents z, the VAE on the device and its cache reset."""
+        pending: tuple[torch.Tensor, torch.cuda.Event] | None = None
+        x = vae.post_quant_conv(z)
+        for i in range(x.shape[2]):
+            vae._conv_idx = [0]
+            kwargs = {"first_chunk": True} if i == 0 else {}
+            out = vae.decoder(x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, **kwargs)
+            chunk = self._to_uint8(torch.clamp(out, min=-1.0, max=1.0))
+            del out
+            if not cuda:
+                yield chunk.numpy()
+                continue
+            host = torch.empty(chunk.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(chunk, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            if pending is not None:  # chunk i is queued; now wait for chunk i-1's copy and hand it on
                 yield _ready(*pending)
-        finally:
-            vae.clear_cache()
+            pending = (host, ready)
+        if pending is not None:
+            yield _ready(*pending)
 
     # ---- all of it ----
 
@@ -424,7 +459,7 @@ class WanT2V:
             latents = self.denoise(prompt_embeds, negative_embeds, job, on_step, is_cancelled)
         del prompt_embeds, negative_embeds
         shape = (job.frames, job.height, job.width)
-        with phases.run("decode"):
+        with phases.run("decode"), self.vae_decode_mode(job):
             if on_frames is None:
                 frames: np.ndarray | None = self.decode(latents)
                 shape = frames.shape[:3]
@@ -432,7 +467,28 @@ class WanT2V:
                 frames = None
                 for chunk in self.decode_stream(latents):
                     on_frames(chunk)
-        return WanVideo(frames=frames, phase_ms=phases.ms, shape=tuple(int(n) for n in shape))
+        return WanVideo(
+            frames=frames, phase_ms=phases.ms, shape=tuple(int(n) for n in shape), phase_peak_vram=phases.peak_vram
+        )
+
+    @contextlib.contextmanager
+    def vae_decode_mode(self, job: JobSpec) -> Iterator[None]:
+        """Within the block the VAE decodes as the job's plan says: whole, or in overlapping spatial
+        tiles of `tile` pixels (stride 3/4 of a tile; diffusers' AutoencoderKLWan tiling)."""
+        mode = job.vae_decode
+        if mode is None or mode.mode == "full":
+            yield
+            return
+        vae = self.vae
+        saved = (vae.use_tiling, vae.tile_sample_min_height, vae.tile_sample_min_width,
+                 vae.tile_sample_stride_height, vae.tile_sample_stride_width)
+        stride = mode.tile * 3 // 4
+        vae.enable_tiling(mode.tile, mode.tile, stride, stride)
+        try:
+            yield
+        finally:
+            (vae.use_tiling, vae.tile_sample_min_height, vae.tile_sample_min_width,
+             vae.tile_sample_stride_height, vae.tile_sample_stride_width) = saved
 
 
 class _PhaseClock:
@@ -442,14 +498,21 @@ class _PhaseClock:
         self.device = device
         self.on_phase = on_phase
         self.ms: dict[str, float] = {}
+        self.peak_vram: dict[str, int] = {}
 
     @contextlib.contextmanager
     def run(self, phase: Phase) -> Iterator[None]:
         if self.on_phase is not None:
             self.on_phase(phase, "start", None)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            # Resets torch's peak counter: a job's overall peak is the max over its phases' peaks.
+            torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
         yield  # an exception here propagates: a failed phase has no end
         _sync(self.device)
         self.ms[phase] = (time.perf_counter() - started) * 1000.0
+        if cuda:
+            self.peak_vram[phase] = int(torch.cuda.max_memory_allocated(self.device))
         if self.on_phase is not None:
             self.on_phase(phase, "end", self.ms[phase])

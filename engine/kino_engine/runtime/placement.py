@@ -1,0 +1,476 @@
+"""Executes the planner's placements: where each component's weights live during a generation.
+
+The control plane's planner (src/planner/plan.ts) decides; this module carries the decision out.
+A `MemoryPlan` names, for the text encoder, the transformer and the VAE, one `Placement`:
+
+- "resident": on the device for the whole generation (what `load` does by default);
+- "swapped": in one host buffer (pinned where CUDA is available) and copied onto the device only
+  while its phase runs (`Placer.active(name)`); nothing is copied back, the weights do not change;
+- "streamed" (transformer only): the model's non-block modules and its first `resident_blocks`
+  blocks stay on the device; the other blocks live in one pinned host buffer and are copied, a
+  block at a time, into `prefetch + 1` device slots on a side CUDA stream, `prefetch` blocks ahead
+  of the one computing. The host holds one copy of the streamed weights, not two;
+- "cpu" (text encoder only): stays on the host and runs there; its output moves to the device.
+
+`vram_budget` caps the bytes the engine process may hold on the device (torch's per-process memory
+fraction), so a small card can be tested on a big one.
+
+How the streaming works. Every streamed block has the same tensors (shapes, dtypes, order), so one
+byte layout serves all of them: block b's bytes are `host[b]` in the pinned buffer, and device slot s
+is a flat buffer with the same layout. A block's parameters point (`.data`) at its host bytes between
+calls and at its slot's bytes during its forward. The streamed blocks run in a fixed cyclic order
+(one forward runs them all, the next forward starts over), so the k-th streamed block execution since
+the start (its ticket) uses slot k mod S, and its copy can be issued S-1 executions early: when ticket
+k starts computing, the copy of ticket k+S-1 is queued on the copy stream behind an event marking the
+end of ticket k-1's compute (the slot's previous user). The compute stream waits on the copy's event
+only, so copies overlap compute and the host never blocks. A forward interrupted midway (an exception,
+a cancellation) breaks the cyclic order; the next block call notices and starts the cycle again.
+
+The transformer's own forward iterates `self.blocks`; the streamer replaces that ModuleList with a
+subclass whose iteration yields callables doing before/forward/after, so the blocks (and their
+compiled forms) are untouched and state-dict names stay the same.
+
+Nothing here decides anything; `validate` checks that a plan is executable for a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import torch
+
+log = logging.getLogger("kino.placement")
+
+PlacementKind = Literal["resident", "swapped", "streamed", "cpu"]
+PLACEMENT_KINDS: tuple[str, ...] = ("resident", "swapped", "streamed", "cpu")
+COMPONENTS: tuple[str, ...] = ("text_encoder", "transformer", "vae")
+#: Which kinds each component accepts.
+ALLOWED: dict[str, tuple[str, ...]] = {
+    "text_encoder": ("resident", "swapped", "cpu"),
+    "transformer": ("resident", "swapped", "streamed"),
+    "vae": ("resident", "swapped"),
+}
+#: Byte alignment of each tensor inside a flat buffer (covers every dtype's alignment and vector loads).
+ALIGN = 512
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: str = "resident"
+    #: "streamed": how many of the transformer's blocks stay on the device (the first ones).
+    resident_blocks: int = 0
+    #: "streamed": how many blocks are copied ahead of the one computing (device slots = prefetch + 1).
+    prefetch: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in PLACEMENT_KINDS:
+            raise ValueError(f"kind must be one of {PLACEMENT_KINDS}, got {self.kind!r}")
+        if not isinstance(self.resident_blocks, int) or self.resident_blocks < 0:
+            raise ValueError(f"residentBlocks must be an int >= 0, got {self.resident_blocks!r}")
+        if not isinstance(self.prefetch, int) or self.prefetch < 1:
+            raise ValueError(f"prefetch must be an int >= 1, got {self.prefetch!r}")
+
+
+RESIDENT = Placement()
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where each component lives, and the device bytes the engine may use (None: no cap)."""
+
+    text_encoder: Placement = RESIDENT
+    transformer: Placement = RESIDENT
+    vae: Placement = RESIDENT
+    vram_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in COMPONENTS:
+            placement = getattr(self, name)
+            if not isinstance(placement, Placement):
+                raise ValueError(f"{name}: expected a Placement")
+            if placement.kind not in ALLOWED[name]:
+                raise ValueError(f"{name}: {placement.kind!r} is not a placement for it; use one of {ALLOWED[name]}")
+        if self.vram_budget is not None and (not isinstance(self.vram_budget, int) or self.vram_budget <= 0):
+            raise ValueError(f"vramBudget must be a positive number of bytes, got {self.vram_budget!r}")
+
+    @property
+    def all_resident(self) -> bool:
+        return all(getattr(self, name).kind == "resident" for name in COMPONENTS)
+
+
+# ---- flat host buffers -----------------------------------------------------------------------
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's parameters and buffers, each once, in a fixed order."""
+    seen: set[int] = set()
+    out: list[torch.Tensor] = []
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Offsets of each tensor in a flat byte buffer, and the buffer's size."""
+    offsets, size = [], 0
+    for t in tensors:
+        offsets.append(size)
+        size += _aligned(t.numel() * t.element_size())
+    return offsets, size
+
+
+def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped and typed like `like` over buffer[offset:] (buffer is flat uint8)."""
+    nbytes = like.numel() * like.element_size()
+    return buffer[offset : offset + nbytes].view(like.dtype).view(like.shape)
+
+
+class HostBuffer:
+    """One flat host byte buffer, page-locked where CUDA is available so copies from it are async DMA.
+
+    It is allocated at its exact size and registered with cudaHostRegister, rather than taken from
+    torch's pinned allocator, which rounds each allocation up to a power of two (a 1.1 GiB block would
+    pin 2 GiB). If registering fails, it falls back to torch's pinned allocator and says so.
+    """
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes = nbytes
+        self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        self.registered = False
+        self.pinned = False
+        if pin:
+            if _host_register(self.buffer):
+                self.registered = self.pinned = True
+            else:
+                log.warning("placement: cudaHostRegister failed; using torch's pinned allocator (rounds up to 2^k)")
+                self.buffer = self.buffer.pin_memory()
+                self.pinned = True
+
+    def view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
+        return _view(self.buffer, offset, like)
+
+    def close(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            self.registered = False
+
+
+def _host_register(buffer: torch.Tensor) -> bool:
+    try:
+        err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
+    except Exception:  # noqa: BLE001 - any failure means "not registered"; the caller falls back
+        return False
+    return int(err) == 0
+
+
+# ---- swapped components ----------------------------------------------------------------------
+
+
+class SwappedComponent:
+    """A module whose weights live in one host buffer and visit the device while `enter`ed."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module = module
+        self.device = device
+        self.tensors = _tensors(module)
+        offsets, size = _layout(self.tensors)
+        self.host = HostBuffer(size, pin=device.type == "cuda")
+        self.host_views = []
+        for t, offset in zip(self.tensors, offsets):
+            view = self.host.view(offset, t)
+            view.copy_(t.data)
+            t.data = view  # the original storage (device or pageable host) is released here
+            self.host_views.append(view)
+        self.inside = False
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.host.nbytes if self.host.pinned else 0
+
+    def enter(self) -> None:
+        if self.inside:
+            return
+        for t, host in zip(self.tensors, self.host_views):
+            t.data = host.to(self.device, non_blocking=True)
+        self.inside = True
+
+    def leave(self) -> None:
+        if not self.inside:
+            return
+        for t, host in zip(self.tensors, self.host_views):
+            t.data = host
+        self.inside = False
+
+    def restore(self) -> None:
+        """Back to an ordinary resident module on the device (copies its weights there)."""
+        for t, host in zip(self.tensors, self.host_views):
+            t.data = host.to(self.device, copy=True)
+        self.host.close()
+
+
+# ---- block streaming -------------------------------------------------------------------------
+
+
+class _StreamedBlocks(torch.nn.ModuleList):
+    """The transformer's ModuleList of blocks, iterating through the streamer's before/after."""
+
+    _kino_streamer: BlockStreamer
+
+    def __iter__(self) -> Iterator[Any]:
+        streamer = self._kino_streamer
+        for index, block in enumerate(super().__iter__()):
+            yield streamer.call(index, block) if index in streamer.position else block
+
+
+class _Call:
+    __slots__ = ("streamer", "index", "block")
+
+    def __init__(self, streamer: BlockStreamer, index: int, block: torch.nn.Module):
+        self.streamer, self.index, self.block = streamer, index, block
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.streamer.before(self.index)
+        try:
+            return self.block(*args, **kwargs)
+        finally:
+            self.streamer.after(self.index)
+
+
+class BlockStreamer:
+    """Streams the transformer blocks `blocks[resident_blocks:]` through `prefetch + 1` device slots."""
+
+    def __init__(self, owner: torch.nn.Module, attr: str, resident_blocks: int, prefetch: int, device: torch.device):
+        blocks = getattr(owner, attr)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            raise ValueError(f"{type(owner).__name__}.{attr} is not a ModuleList of blocks")
+        if resident_blocks >= len(blocks):
+            raise ValueError(f"residentBlocks {resident_blocks} leaves no block of {len(blocks)} to stream")
+        self.owner, self.attr, self.device = owner, attr, device
+        self.cuda = device.type == "cuda"
+        self.streamed = list(range(resident_blocks, len(blocks)))
+        self.position = {b: p for p, b in enumerate(self.streamed)}
+        self.tensors = [_tensors(blocks[b]) for b in self.streamed]
+        first = self.tensors[0]
+        for b, ts in zip(self.streamed, self.tensors):
+            if [(t.shape, t.dtype) for t in ts] != [(t.shape, t.dtype) for t in first]:
+                raise ValueError(f"block {b} differs in layout from block {self.streamed[0]}: cannot share slots")
+        self.offsets, self.block_bytes = _layout(first)
+        count = len(self.streamed)
+        self.host = HostBuffer(self.block_bytes * count, pin=self.cuda)
+        self.host_views: list[list[torch.Tensor]] = []
+        for p, ts in enumerate(self.tensors):
+            views = []
+            for t, offset in zip(ts, self.offsets):
+                view = self.host.view(p * self.block_bytes + offset, t)
+                view.copy_(t.data)
+                t.data = view
+                views.append(view)
+            self.host_views.append(views)
+        self.slots_count = min(prefetch + 1, count)
+        self.slots = [torch.empty(self.block_bytes, dtype=torch.uint8, device=device) for _ in range(self.slots_count)]
+        self.slot_views = [[_view(slot, offset, t) for t, offset in zip(first, self.offsets)] for slot in self.slots]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # Per slot: the ticket whose bytes it holds (or is receiving), the event of that copy, and the
+        # event marking the end of the last compute that read it.
+        self.slot_ticket: list[int | None] = [None] * self.slots_count
+        self.copied: list[torch.cuda.Event | None] = [None] * self.slots_count
+        self.freed: list[torch.cuda.Event | None] = [None] * self.slots_count
+        self.ticket = 0  # the next streamed execution
+        self.issued = -1  # the last ticket whose copy was queued
+        self.copies = 0
+        self.resyncs = 0
+        blocks.__class__ = _StreamedBlocks
+        blocks._kino_streamer = self  # type: ignore[attr-defined]
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.host.nbytes if self.host.pinned else 0
+
+    @property
+    def device_bytes(self) -> int:
+        return self.block_bytes * self.slots_count
+
+    def call(self, index: int, block: torch.nn.Module) -> _Call:
+        return _Call(self, index, block)
+
+    def _block_of(self, ticket: int) -> int:
+        return ticket % len(self.streamed)
+
+    def _issue(self, ticket: int) -> None:
+        """Queue the copy of ticket's block into its slot, after the slot's last reader finished."""
+        slot = ticket % self.slots_count
+        p = self._block_of(ticket)
+        src = self.host.buffer[p * self.block_bytes : (p + 1) * self.block_bytes]
+        if self.cuda:
+            assert self.copy_stream is not None
+            freed = self.freed[slot]
+            if freed is not None:
+                self.copy_stream.wait_event(freed)
+            with torch.cuda.stream(self.copy_stream):
+                self.slots[slot].copy_(src, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            self.copied[slot] = event
+        else:
+            self.slots[slot].copy_(src)
+        self.slot_ticket[slot] = ticket
+        self.copies += 1
+
+    def _resync(self, p: int) -> None:
+        """Start the cycle again at streamed position p: every slot's content is forgotten."""
+        self.resyncs += 1
+        if self.cuda:
+            # Copies issued from now on must not overwrite a slot a queued compute still reads.
+            barrier = torch.cuda.Event()
+            barrier.record(torch.cuda.current_stream(self.device))
+            self.freed = [barrier] * self.slots_count
+        self.slot_ticket = [None] * self.slots_count
+        self.ticket = p
+        self.issued = p - 1
+
+    def before(self, index: int) -> None:
+        p = self.position[index]
+        if self._block_of(self.ticket) != p:
+            self._resync(p)
+        ticket = self.ticket
+        slot = ticket % self.slots_count
+        if self.slot_ticket[slot] != ticket:  # not prefetched (first call, or after a resync)
+            self.issued = max(self.issued, ticket - 1)
+        # Queue this ticket (if needed) and up to slots_count - 1 ahead: their slots' previous
+        # readers are tickets < this one, already queued on the compute stream.
+        for ahead in range(self.issued + 1, ticket + self.slots_count):
+            self._issue(ahead)
+        self.issued = max(self.issued, ticket + self.slots_count - 1)
+        if self.cuda:
+            event = self.copied[slot]
+            assert event is not None
+            torch.cuda.current_stream(self.device).wait_event(event)
+        for t, view in zip(self.tensors[p], self.slot_views[slot]):
+            t.data = view
+
+    def after(self, index: int) -> None:
+        p = self.position[index]
+        slot = self.ticket % self.slots_count
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.freed[slot] = event
+        for t, view in zip(self.tensors[p], self.host_views[p]):
+            t.data = view
+        self.ticket += 1
+
+    def restore(self) -> None:
+        """Every block resident again; the ModuleList back to a plain one."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)  # type: ignore[arg-type]
+        for ts, views in zip(self.tensors, self.host_views):
+            for t, view in zip(ts, views):
+                t.data = view.to(self.device, copy=True)
+        blocks = getattr(self.owner, self.attr)
+        blocks.__class__ = torch.nn.ModuleList
+        del blocks._kino_streamer
+        self.slots = []
+        self.slot_views = []
+        self.host.close()
+
+
+# ---- the placer ------------------------------------------------------------------------------
+
+
+def _set_budget(device: torch.device, budget: int | None) -> float | None:
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = 1.0 if budget is None else min(1.0, budget / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
+class Placer:
+    """Applies a MemoryPlan to a model's components; `active(name)` brings a component in for a phase."""
+
+    def __init__(self, plan: MemoryPlan, device: torch.device, components: dict[str, torch.nn.Module]):
+        self.plan = plan
+        self.device = device
+        self.components = components
+        self.swapped: dict[str, SwappedComponent] = {}
+        self.streamer: BlockStreamer | None = None
+        self.fraction: float | None = None
+
+    @classmethod
+    def apply(cls, plan: MemoryPlan, device: torch.device, components: dict[str, torch.nn.Module]) -> Placer:
+        """Place `components` (name -> module, each on the device or the host) as `plan` says."""
+        placer = cls(plan, device, components)
+        for name in COMPONENTS:
+            module = components[name]
+            placement: Placement = getattr(plan, name)
+            if placement.kind == "resident":
+                module.to(device)
+            elif placement.kind == "cpu":
+                module.to("cpu")
+            elif placement.kind == "swapped":
+                placer.swapped[name] = SwappedComponent(module, device)
+            elif placement.kind == "streamed":
+                blocks = getattr(module, "blocks", None)
+                if not isinstance(blocks, torch.nn.ModuleList):
+                    raise ValueError(f"{name}: {type(module).__name__} has no `blocks` to stream")
+                placer.streamer = BlockStreamer(module, "blocks", placement.resident_blocks, placement.prefetch, device)
+                # The rest (embeddings, norms, output projection, resident blocks) goes to the device;
+                # module.to() would take the streamed blocks' host copies along, so move tensor by tensor.
+                streamed = {id(t) for ts in placer.streamer.tensors for t in ts}
+                for t in _tensors(module):
+                    if id(t) not in streamed:
+                        t.data = t.data.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        placer.fraction = _set_budget(device, plan.vram_budget)
+        log.info(
+            "placement: text encoder %s, transformer %s, vae %s; pinned %d bytes; budget %s",
+            plan.text_encoder.kind, plan.transformer.kind, plan.vae.kind, placer.pinned_bytes, plan.vram_budget,
+        )
+        return placer
+
+    @property
+    def pinned_bytes(self) -> int:
+        total = sum(s.pinned_bytes for s in self.swapped.values())
+        return total + (self.streamer.pinned_bytes if self.streamer is not None else 0)
+
+    def device_of(self, name: str) -> torch.device:
+        """Where `name` computes: the host for a "cpu" placement, else the device."""
+        return torch.device("cpu") if getattr(self.plan, name).kind == "cpu" else self.device
+
+    @contextlib.contextmanager
+    def active(self, name: str) -> Iterator[None]:
+        """Within the block, component `name` is on the device (a swapped one is copied in, then out)."""
+        swapped = self.swapped.get(name)
+        if swapped is None or swapped.inside:
+            yield
+            return
+        swapped.enter()
+        try:
+            yield
+        finally:
+            swapped.leave()
+
+    def release(self) -> None:
+        """Undo the plan: every component resident on the device again, no budget."""
+        for swapped in self.swapped.values():
+            swapped.restore()
+        self.swapped = {}
+        if self.streamer is not None:
+            self.streamer.restore()
+            self.streamer = None
+        for name in COMPONENTS:
+            if getattr(self.plan, name).kind == "cpu":
+                self.components[name].to(self.device)
+        self.plan = MemoryPlan()
+        _set_budget(self.device, None)
