@@ -52,6 +52,38 @@ const controlPlaneCodes = {
   INFEASIBLE: { exit: 2, http: 422, hint: "raise --vram or --ram, or ask for less (a smaller --size or --frames)" },
   /** kino doctor found something required missing. */
   DOCTOR_FAILED: { exit: 1, http: 500 },
+  // ---- kino serve ----
+  /** No job has the id asked for. */
+  JOB_NOT_FOUND: { exit: 2, http: 404 },
+  /** No route answers the method and path. */
+  ROUTE_NOT_FOUND: { exit: 2, http: 404, hint: "GET /openapi.json lists the routes" },
+  /** The job queue is full: an immediate answer instead of a wait (backpressure). */
+  QUEUE_FULL: { exit: 1, http: 429, hint: "retry later, or start kino serve with a larger --queue-size" },
+  /** The server has an API key and the request did not carry it. */
+  UNAUTHORIZED: { exit: 2, http: 401, hint: "send the header Authorization: Bearer <key> (the key kino serve was started with)" },
+  /** A state-changing request from a page of another origin (its Origin header names another host). */
+  CROSS_ORIGIN: { exit: 2, http: 403 },
+  /** A request whose Host header is not this server's own name (DNS rebinding against a loopback server). */
+  UNTRUSTED_HOST: { exit: 2, http: 403 },
+  /** The request body is larger than the server accepts. */
+  PAYLOAD_TOO_LARGE: { exit: 2, http: 413 },
+  UNSUPPORTED_MEDIA_TYPE: { exit: 2, http: 415, hint: "send the body as JSON with Content-Type: application/json" },
+  /** A Range header that selects no byte of the file. */
+  RANGE_NOT_SATISFIABLE: { exit: 2, http: 416 },
+  /** The job has already finished (completed, failed or cancelled): it cannot be cancelled. */
+  JOB_FINISHED: { exit: 2, http: 409 },
+  /** The job has no video (yet, or at all: it failed or was cancelled). */
+  VIDEO_NOT_AVAILABLE: { exit: 2, http: 409 },
+  /** The server stopped while the job ran, more often than the recovery policy retries. */
+  INTERRUPTED: { exit: 1, http: 500 },
+  /** The server is shutting down and takes no new jobs. */
+  SERVER_CLOSING: { exit: 1, http: 503 },
+  /** No engine can run jobs (every one failed to start); /api/health says why. */
+  NO_ENGINE: { exit: 1, http: 503, hint: "run kino doctor on the server machine" },
+  /** kino serve was asked to bind beyond the loopback address without an API key. */
+  API_KEY_REQUIRED: { exit: 2, http: 500, hint: "set $KINO_API_KEY (or --api-key), or bind to 127.0.0.1" },
+  /** Another kino serve uses the same data folder. */
+  DATA_DIR_IN_USE: { exit: 1, http: 500, hint: "stop the other server, or give this one another --data-dir" },
 } as const satisfies Record<string, CodeInfo>;
 
 export const ERROR_CODES: Readonly<Record<ErrorCode, CodeInfo>> = { ...engineCodes, ...controlPlaneCodes };

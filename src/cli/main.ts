@@ -24,6 +24,7 @@ import { generateCommand } from "./generate.ts";
 import { modelsCommand } from "./models.ts";
 import { planCommand } from "./plan.ts";
 import { profileCommand } from "./profile.ts";
+import { serveCommand } from "./serve.ts";
 
 /** Every command, one file each. */
 const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand, benchCommand, benchMemoryCommand, profileCommand, planCommand];

@@ -29,6 +29,14 @@ export interface KinoConfig {
   readonly childEnv: Env;
   /** How long `close()` waits for the worker to exit after `shutdown` before killing it. @default 5000 */
   readonly shutdownGraceMs: number;
+  /** Where `kino serve` keeps its job database and the jobs' outputs. `$KINO_DATA_DIR`, @default <home>/data */
+  readonly dataDir: string;
+  /**
+   * The key `kino serve` requires as `Authorization: Bearer <key>` (and needs to bind beyond the
+   * loopback address). An environment variable rather than only a flag, so it stays out of `ps`.
+   * `$KINO_API_KEY`, @default null (none)
+   */
+  readonly apiKey: string | null;
 }
 
 export type Env = Readonly<Record<string, string | undefined>>;
@@ -75,6 +83,8 @@ export function resolveConfig(env: Env = process.env, overrides: Partial<KinoCon
     stallTimeoutMs: overrides.stallTimeoutMs ?? 300_000,
     shutdownGraceMs: overrides.shutdownGraceMs ?? 5_000,
     childEnv: overrides.childEnv ?? Object.freeze({ ...env }),
+    dataDir: overrides.dataDir ?? resolve(nonEmpty(env.KINO_DATA_DIR) ?? join(home, "data")),
+    apiKey: overrides.apiKey !== undefined ? overrides.apiKey : (nonEmpty(env.KINO_API_KEY) ?? null),
   });
 }
 

@@ -1,0 +1,68 @@
+/**
+ * `kino serve`: flags → ServeOptions → buildServer → listen, until Ctrl-C or SIGTERM, then a
+ * graceful shutdown (running jobs are stopped and requeued, engines closed).
+ */
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { Command } from "commander";
+import type { KinoConfig } from "../config/config.ts";
+import { SubprocessEngine } from "../engine/subprocess.ts";
+import { createLogger } from "../log.ts";
+import { buildServer } from "../server/app.ts";
+import { DEFAULT_HOST, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, resolveServeOptions, type ServeFlags } from "../server/options.ts";
+import type { SlotEngineFactory } from "../server/scheduler/slot.ts";
+import type { CliContext } from "./context.ts";
+
+export function serveCommand(ctx: CliContext): Command {
+  return new Command("serve")
+    .description("run kino as a service: a durable job queue, warm engines (one per GPU), an HTTP API (GET /openapi.json)")
+    .option("--host <address>", `address to listen on; anything but loopback needs an API key (default: ${DEFAULT_HOST})`)
+    .option("--port <n>", `port to listen on; 0 picks a free one (default: ${DEFAULT_PORT})`)
+    .option("--api-key <key>", "require Authorization: Bearer <key> (prefer $KINO_API_KEY: a flag shows in ps)")
+    .option("--queue-size <n>", `jobs waiting at most; more are answered 429 (default: ${DEFAULT_QUEUE_SIZE})`)
+    .option("--keep-alive <duration>", "how long a model stays loaded after its last job: 5m, 30s, 0, -1 for ever (default: 5m)")
+    .option("--data-dir <dir>", "the job database and the videos (default: $KINO_DATA_DIR or ~/.kino/data)")
+    .action(async (flags: ServeFlags) => {
+      const options = resolveServeOptions(ctx.config, flags, ctx.cwd);
+      // Decisions (engines up, keep-alive, requeues) are worth seeing on a server's console.
+      const logger = createLogger(ctx.io.stderr, ctx.debug ? "debug" : "info");
+      const server = await buildServer({
+        config: ctx.config,
+        options,
+        startEngine: engineFactory(ctx, logger),
+        makeTiny: (dir) => ctx.tools.makeTiny(dir, undefined, { logger }),
+        logger,
+        version: packageVersion(ctx.config),
+      });
+      const stop = new AbortController();
+      const onTerm = () => stop.abort();
+      process.once("SIGTERM", onTerm);
+      try {
+        const url = await server.listen();
+        ctx.io.stderr(`kino serve: listening on ${url} (data in ${options.dataDir}; API: ${url}/openapi.json; Ctrl-C stops)\n`);
+        const signal = AbortSignal.any([ctx.signal, stop.signal]);
+        await new Promise<void>((resolve) => (signal.aborted ? resolve() : signal.addEventListener("abort", () => resolve(), { once: true })));
+        ctx.io.stderr("kino serve: shutting down (running jobs go back to the queue)\n");
+      } finally {
+        process.off("SIGTERM", onTerm);
+        await server.close();
+      }
+    });
+}
+
+/** The CLI's engine where it needs no pinning (the CPU, one GPU); a worker pinned to its GPU otherwise. */
+function engineFactory(ctx: CliContext, logger: ReturnType<typeof createLogger>): SlotEngineFactory {
+  return (placement) => {
+    if (placement.gpu === null) return ctx.startEngine();
+    const pinned: KinoConfig = { ...ctx.config, childEnv: Object.freeze({ ...ctx.config.childEnv, CUDA_VISIBLE_DEVICES: String(placement.gpu) }) };
+    return SubprocessEngine.start(pinned, logger);
+  };
+}
+
+function packageVersion(config: KinoConfig): string {
+  try {
+    return (JSON.parse(readFileSync(join(config.repoRoot, "package.json"), "utf8")) as { version: string }).version;
+  } catch {
+    return "unknown";
+  }
+}

@@ -1,0 +1,137 @@
+/**
+ * `kino serve` as a function: `buildServer(deps)` assembles the job store, the scheduler and its
+ * engines, the job service and the fastify app with its routes. Everything it needs is injected
+ * (engines, clock, store), so tests run it with FakeEngine or the real subprocess engine, in-process
+ * through `app.inject()` or over a real socket after `listen()`.
+ *
+ * Route modules are fastify plugins over one RouteContext; more (the OpenAI-compatible routes, the
+ * web UI) are added through `deps.routes` and share the same job service, validation, security and
+ * OpenAPI document.
+ */
+import { join } from "node:path";
+import Fastify, { type FastifyInstance } from "fastify";
+import type { KinoConfig } from "../config/config.ts";
+import { silentLogger, type Logger } from "../log.ts";
+import { systemClock, type Clock } from "./clock.ts";
+import { installErrorHandling } from "./http/errors.ts";
+import { RouteTable } from "./http/route.ts";
+import { securityHook } from "./http/security.ts";
+import type { SseStream } from "./http/sse.ts";
+import { JobJournal } from "./jobs/journal.ts";
+import { recoverInterrupted } from "./jobs/recovery.ts";
+import { JobService } from "./jobs/service.ts";
+import { SqliteJobStore } from "./jobs/sqlite-store.ts";
+import type { JobStore } from "./jobs/store.ts";
+import { checkServeOptions, isLoopbackHost, type ServeOptions } from "./options.ts";
+import type { RouteContext } from "./routes/context.ts";
+import { jobRoutes } from "./routes/jobs.ts";
+import { systemRoutes } from "./routes/system.ts";
+import { videoRoutes } from "./routes/video.ts";
+import { Scheduler } from "./scheduler/scheduler.ts";
+import type { SlotEngineFactory } from "./scheduler/slot.ts";
+import type { MakeTiny } from "./scheduler/tiny-model.ts";
+
+/** A route module: a fastify plugin over the shared context. */
+export type RoutePlugin = (app: FastifyInstance, ctx: RouteContext) => Promise<void>;
+
+export interface ServerDeps {
+  readonly config: KinoConfig;
+  readonly options: ServeOptions;
+  /** Starts the engine of a slot (one per GPU); a plain EngineFactory fits. */
+  readonly startEngine: SlotEngineFactory;
+  /** Makes kino's tiny checkpoint in a folder (the engine's make-tiny tool). */
+  readonly makeTiny: MakeTiny;
+  /** @default the system clock */
+  readonly clock?: Clock;
+  /** @default the sqlite store of `options.dataDir` */
+  readonly store?: JobStore;
+  /** @default silent */
+  readonly logger?: Logger;
+  /** More route modules, registered after the native ones. */
+  readonly routes?: readonly RoutePlugin[];
+  /** @default the package's */
+  readonly version?: string;
+}
+
+export interface KinoServer {
+  readonly app: FastifyInstance;
+  readonly service: JobService;
+  readonly scheduler: Scheduler;
+  readonly store: JobStore;
+  /** Listens on the options' host and port; resolves to the URL. */
+  listen(): Promise<string>;
+  /**
+   * Graceful shutdown, idempotent: new jobs are refused, running ones are stopped and requeued, event
+   * streams end, the engines and the store close.
+   */
+  close(): Promise<void>;
+}
+
+/**
+ * Builds the server: recovers jobs a dead process left running (recovery.ts), queues the stored
+ * queued jobs and starts the engines in the background (health says when they are up).
+ * @throws KinoError API_KEY_REQUIRED, INVALID_ARGUMENT (options), DATA_DIR_IN_USE
+ */
+export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
+  const { options, config } = deps;
+  checkServeOptions(options);
+  const clock = deps.clock ?? systemClock;
+  const logger = deps.logger ?? silentLogger;
+  const store = deps.store ?? SqliteJobStore.open(options.dataDir);
+  const journal = new JobJournal(store, clock);
+  const recovered = await recoverInterrupted(journal);
+  if (recovered.requeued.length + recovered.failed.length > 0) {
+    logger.warn(`the last server stopped while jobs ran: ${recovered.requeued.length} requeued, ${recovered.failed.length} failed (interrupted twice)`);
+  }
+  const scheduler = new Scheduler({
+    journal,
+    clock,
+    logger,
+    startEngine: deps.startEngine,
+    makeTiny: deps.makeTiny,
+    dataDir: options.dataDir,
+    cacheDir: join(config.cache, "runtime"),
+    defaultKeepAliveMs: options.keepAliveMs,
+    queueSize: options.queueSize,
+  });
+  const service = new JobService({ journal, scheduler, modelsDir: config.modelsDir, dataDir: options.dataDir });
+
+  const app = Fastify({ bodyLimit: options.bodyLimitBytes, logger: false });
+  installErrorHandling(app, logger, options.bodyLimitBytes);
+  app.addHook("onRequest", securityHook({ apiKey: options.apiKey, loopback: isLoopbackHost(options.host) }));
+  app.addHook("onResponse", async (request, reply) => logger.debug(`${request.method} ${request.url} → ${reply.statusCode}`));
+  const streams = new Set<SseStream>();
+  const ctx: RouteContext = { service, scheduler, table: new RouteTable(), streams, logger };
+  const info = {
+    title: "kino",
+    version: deps.version ?? "0",
+    description: "kino's native API: video generation jobs, their events and videos, the engines.",
+  };
+  await app.register(jobRoutes, ctx);
+  await app.register(videoRoutes, ctx);
+  await app.register(systemRoutes, { ...ctx, info });
+  for (const plugin of deps.routes ?? []) await app.register(plugin, ctx);
+  await app.ready();
+
+  void scheduler.start(await store.withStatus("queued"));
+
+  let closing: Promise<void> | null = null;
+  return {
+    app,
+    service,
+    scheduler,
+    store,
+    async listen() {
+      return app.listen({ host: options.host, port: options.port });
+    },
+    close() {
+      closing ??= (async () => {
+        await scheduler.close();
+        for (const stream of streams) stream.end();
+        await app.close();
+        await store.close();
+      })();
+      return closing;
+    },
+  };
+}

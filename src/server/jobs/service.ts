@@ -1,0 +1,188 @@
+/**
+ * The job service: what every API does with jobs, whatever its wire format. The native routes
+ * (routes/jobs.ts) call it, and so will the OpenAI-compatible /v1/videos routes: submit, look up,
+ * list, cancel, follow the events, find the video.
+ */
+import { randomUUID } from "node:crypto";
+import { stat } from "node:fs/promises";
+import { listModels } from "../../api/models.ts";
+import { KinoError } from "../../errors.ts";
+import type { Scheduler } from "../scheduler/scheduler.ts";
+import { TERMINAL_EVENTS, TERMINAL_STATUSES, type Job, type JobStatus } from "../schemas.ts";
+import { jobFile } from "./files.ts";
+import type { JobJournal } from "./journal.ts";
+import { prepareSubmission } from "./prepare.ts";
+import type { StoredEvent, StoredJob } from "./store.ts";
+import { jobView } from "./view.ts";
+
+export interface JobServiceDeps {
+  readonly journal: JobJournal;
+  readonly scheduler: Scheduler;
+  readonly modelsDir: string;
+  readonly dataDir: string;
+}
+
+/** A subscription to a job's events, replayed then live; it ends itself after the terminal event. */
+export interface EventFollow {
+  /** Resolves when the stream is over: the terminal event was delivered, or `stop` was called. */
+  readonly ended: Promise<void>;
+  stop(): void;
+}
+
+export interface VideoFile {
+  readonly path: string;
+  readonly bytes: number;
+  readonly contentType: string;
+  /** A name for Content-Disposition. */
+  readonly fileName: string;
+}
+
+export class JobService {
+  readonly #deps: JobServiceDeps;
+
+  constructor(deps: JobServiceDeps) {
+    this.#deps = deps;
+  }
+
+  /**
+   * Checks, admits and queues a job; answers it as stored (it may have started already).
+   * @throws KinoError INVALID_ARGUMENT …, INFEASIBLE, QUEUE_FULL, NO_ENGINE, SERVER_CLOSING
+   */
+  async submit(body: unknown): Promise<Job> {
+    const { scheduler, journal } = this.#deps;
+    // Admission and "auto" need to know the engines' devices.
+    await scheduler.whenReady();
+    const submission = await prepareSubmission(body, scheduler.machine(), this.#deps.modelsDir);
+    const reservation = scheduler.reserve();
+    try {
+      const id = randomUUID();
+      const created = await journal.create(id, submission, { type: "queued", position: scheduler.queueLength + 1 });
+      reservation.commit(created);
+      return this.#view((await journal.store.get(id)) ?? created);
+    } catch (err) {
+      reservation.release();
+      throw err;
+    }
+  }
+
+  /** @throws KinoError JOB_NOT_FOUND */
+  async get(id: string): Promise<Job> {
+    return this.#view(await this.#find(id));
+  }
+
+  /** Newest first. */
+  async list(query: { status?: JobStatus; limit: number; cursor?: string }): Promise<{ jobs: Job[]; nextCursor: string | null }> {
+    const page = await this.#deps.journal.store.list({
+      status: query.status,
+      limit: query.limit,
+      beforeSeq: query.cursor === undefined ? undefined : Number(query.cursor),
+    });
+    return { jobs: page.jobs.map((j) => this.#view(j)), nextCursor: page.nextCursor === null ? null : String(page.nextCursor) };
+  }
+
+  /**
+   * Cancels a job: a queued one at once; a running one between denoising steps (its `cancelled`
+   * event follows; `cancelRequested` says it was asked).
+   * @throws KinoError JOB_NOT_FOUND, JOB_FINISHED
+   */
+  async cancel(id: string): Promise<Job> {
+    const { journal, scheduler } = this.#deps;
+    const job = await this.#find(id);
+    if (TERMINAL_STATUSES.includes(job.status)) {
+      throw new KinoError("JOB_FINISHED", `job ${id} has already ${job.status === "cancelled" ? "been cancelled" : job.status}; there is nothing to cancel`, {
+        field: "id",
+      });
+    }
+    const outcome = scheduler.cancel(id);
+    if (outcome === "stopping") return this.#view(await journal.update(id, { cancelRequested: true }));
+    return this.#view(
+      await journal.update(
+        id,
+        { status: "cancelled", finishedAt: journal.now(), cancelRequested: true },
+        { type: "cancelled", reason: "cancelled at the client's request before it started" },
+      ),
+    );
+  }
+
+  /**
+   * Delivers the job's events after `afterSeq` (stored ones first, then live ones as they happen),
+   * each once and in order, until the terminal event. Subscribes before replaying, so nothing that
+   * happens during the replay is missed.
+   * @throws KinoError JOB_NOT_FOUND
+   */
+  async follow(id: string, afterSeq: number, onEvent: (event: StoredEvent) => void): Promise<EventFollow> {
+    const { journal } = this.#deps;
+    await this.#find(id);
+    let last = afterSeq;
+    let live = false;
+    let stopped = false;
+    const early: StoredEvent[] = [];
+    let resolveEnded!: () => void;
+    const ended = new Promise<void>((resolve) => (resolveEnded = resolve));
+    const stop = () => {
+      if (stopped) return;
+      stopped = true;
+      unsubscribe();
+      resolveEnded();
+    };
+    const deliver = (event: StoredEvent) => {
+      if (stopped || event.seq <= last) return;
+      last = event.seq;
+      onEvent(event);
+      if (TERMINAL_EVENTS.has(event.data.type)) stop();
+    };
+    const unsubscribe = journal.subscribe(id, (event) => (live ? deliver(event) : early.push(event)));
+    try {
+      for (const event of await journal.store.events(id, afterSeq)) deliver(event);
+      live = true;
+      for (const event of early) deliver(event);
+      // Resumed after the terminal event: nothing more will come.
+      const job = await journal.store.get(id);
+      if (job !== undefined && TERMINAL_STATUSES.includes(job.status)) stop();
+    } catch (err) {
+      stop();
+      throw err;
+    }
+    return { ended, stop };
+  }
+
+  /** @throws KinoError JOB_NOT_FOUND, VIDEO_NOT_AVAILABLE */
+  async video(id: string): Promise<VideoFile> {
+    const job = await this.#find(id);
+    const artifact = job.artifacts.find((a) => a.kind === "video");
+    if (artifact === undefined) {
+      const why = job.status === "queued" || job.status === "running" ? `it is ${job.status}; follow its events until completed` : `it ${job.status === "cancelled" ? "was cancelled" : job.status}`;
+      throw new KinoError("VIDEO_NOT_AVAILABLE", `job ${id} has no video: ${why}`, { field: "id" });
+    }
+    const path = jobFile(this.#deps.dataDir, id, artifact.file);
+    const file = await stat(path).catch(() => null);
+    if (file === null || !file.isFile()) throw new KinoError("VIDEO_NOT_AVAILABLE", `the video of job ${id} is no longer in the data folder`, { field: "id" });
+    return { path, bytes: file.size, contentType: artifact.contentType, fileName: `${id}.mp4` };
+  }
+
+  /** The catalog, what is downloaded, and which engines hold each model. */
+  async models() {
+    const engines = this.#deps.scheduler.engines();
+    const listed = await listModels({ modelsDir: this.#deps.modelsDir });
+    return {
+      models: listed.map((m) => ({
+        id: m.id,
+        description: m.description,
+        origin: m.origin,
+        present: m.present,
+        randomWeights: m.randomWeights,
+        loadedOn: engines.filter((e) => e.model === m.id).map((e) => e.engine),
+      })),
+    };
+  }
+
+  async #find(id: string): Promise<StoredJob> {
+    const job = await this.#deps.journal.store.get(id);
+    if (job === undefined) throw new KinoError("JOB_NOT_FOUND", `no job ${id}`, { field: "id" });
+    return job;
+  }
+
+  #view(job: StoredJob): Job {
+    return jobView(job, this.#deps.scheduler.queuePosition(job.id));
+  }
+}

@@ -1,0 +1,118 @@
+/**
+ * What `kino serve` is started with, resolved once into a frozen object: the CLI flags over the
+ * config's values over the defaults, each checked and named when wrong. The rule that a server
+ * reachable from other machines needs an API key lives here, so no caller can skip it.
+ */
+import { resolve } from "node:path";
+import { isIP } from "node:net";
+import type { KinoConfig } from "../config/config.ts";
+import { KinoError } from "../errors.ts";
+
+/** @default 127.0.0.1: only this machine can reach the server. */
+export const DEFAULT_HOST = "127.0.0.1";
+/** K-I-N-O on a phone keypad. */
+export const DEFAULT_PORT = 5466;
+/** Jobs waiting (not running) at most; one more is answered 429 at once. */
+export const DEFAULT_QUEUE_SIZE = 64;
+/** How long a model stays loaded after its last job (Ollama's default too). */
+export const DEFAULT_KEEP_ALIVE_MS = 5 * 60_000;
+/** A job request is a few kilobytes of JSON; a megabyte is generous. */
+export const DEFAULT_BODY_LIMIT_BYTES = 1024 * 1024;
+
+export interface ServeOptions {
+  readonly host: string;
+  /** 0 picks a free port (tests). */
+  readonly port: number;
+  /** Required as `Authorization: Bearer <key>` when set; required to bind beyond loopback. */
+  readonly apiKey: string | null;
+  readonly queueSize: number;
+  /** Keep-alive after a job: > 0 ms, 0 unloads at once, < 0 keeps the model loaded for good. */
+  readonly keepAliveMs: number;
+  readonly bodyLimitBytes: number;
+  /** The job database and the jobs' outputs. */
+  readonly dataDir: string;
+}
+
+/** What the CLI flags carry (strings, as typed). */
+export interface ServeFlags {
+  readonly host?: string;
+  readonly port?: string;
+  readonly apiKey?: string;
+  readonly queueSize?: string;
+  readonly keepAlive?: string;
+  readonly dataDir?: string;
+}
+
+const invalid = (field: string, message: string) => new KinoError("INVALID_ARGUMENT", message, { field });
+
+/**
+ * Resolves and checks the server's options.
+ * @throws KinoError INVALID_ARGUMENT naming the flag; API_KEY_REQUIRED for a non-loopback host without a key.
+ */
+export function resolveServeOptions(
+  config: Pick<KinoConfig, "dataDir" | "apiKey">,
+  flags: ServeFlags = {},
+  cwd: string = process.cwd(),
+): ServeOptions {
+  const options: ServeOptions = Object.freeze({
+    host: flags.host ?? DEFAULT_HOST,
+    port: flags.port === undefined ? DEFAULT_PORT : wholeNumber(flags.port, "port", 0, 65_535),
+    apiKey: flags.apiKey ?? config.apiKey,
+    queueSize: flags.queueSize === undefined ? DEFAULT_QUEUE_SIZE : wholeNumber(flags.queueSize, "queueSize", 1, 1_000_000),
+    keepAliveMs: flags.keepAlive === undefined ? DEFAULT_KEEP_ALIVE_MS : parseKeepAlive(flags.keepAlive, "keepAlive"),
+    bodyLimitBytes: DEFAULT_BODY_LIMIT_BYTES,
+    dataDir: flags.dataDir === undefined ? config.dataDir : resolve(cwd, flags.dataDir),
+  });
+  checkServeOptions(options);
+  return options;
+}
+
+/** The checks every way of starting a server goes through (buildServer calls it too). */
+export function checkServeOptions(o: ServeOptions): void {
+  if (o.host.trim() === "") throw invalid("host", "is empty; give an address such as 127.0.0.1");
+  if (o.apiKey !== null && o.apiKey.length < 16) {
+    throw invalid("apiKey", "is shorter than 16 characters; use a long random key (e.g. openssl rand -hex 32)");
+  }
+  if (!isLoopbackHost(o.host) && o.apiKey === null) {
+    throw new KinoError(
+      "API_KEY_REQUIRED",
+      `binding to ${o.host} lets other machines reach the server, so it needs an API key; none is set`,
+      { field: "apiKey" },
+    );
+  }
+}
+
+/** Whether an address or name only reaches this machine: localhost, 127.0.0.0/8, ::1. */
+export function isLoopbackHost(host: string): boolean {
+  const h = host.trim().toLowerCase().replace(/^\[(.*)\]$/, "$1");
+  if (h === "localhost" || h.endsWith(".localhost")) return true;
+  if (isIP(h) === 4) return h.startsWith("127.");
+  if (isIP(h) === 6) return h === "::1" || h === "0:0:0:0:0:0:0:1" || h.startsWith("::ffff:127.");
+  return false;
+}
+
+const DURATION_UNITS: Readonly<Record<string, number>> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/**
+ * A keep-alive as Ollama spells it: "5m", "30s", "1h", "250ms", a bare number of seconds, 0 (unload
+ * right after the job) or a negative value (keep the model loaded until the server stops).
+ */
+export function parseKeepAlive(value: string | number, field: string): number {
+  if (typeof value === "number") {
+    if (!Number.isFinite(value)) throw invalid(field, `must be a finite number of seconds; got ${value}`);
+    return value < 0 ? -1 : Math.round(value * 1000);
+  }
+  const match = /^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/.exec(value);
+  if (match === null) throw invalid(field, `must be a duration such as 5m, 30s, 1h, 0 (unload at once) or -1 (keep loaded); got "${value}"`);
+  const amount = Number(match[1]);
+  if (amount < 0) return -1;
+  return Math.round(amount * DURATION_UNITS[match[2] ?? "s"]!);
+}
+
+function wholeNumber(value: string, field: string, min: number, max: number): number {
+  const n = Number(value);
+  if (value.trim() === "" || !Number.isInteger(n) || n < min || n > max) {
+    throw invalid(field, `must be a whole number from ${min} to ${max}; got "${value}"`);
+  }
+  return n;
+}

@@ -1,0 +1,56 @@
+/**
+ * Admission through the planner: a job for a catalog model with a known architecture, on a server
+ * with GPUs, is planned against the largest GPU before it is queued; one that fits nowhere is
+ * refused at once (422 INFEASIBLE) with the smallest VRAM budget that would work. Jobs on CPU engines
+ * and of kino's tiny model are not planned (the planner models GPUs and full-size architectures).
+ *
+ * The hardware profile is built from what the engine reported (`hello`: total and free VRAM, host
+ * RAM); the rates are the H100 preset's until the engine measures them (`probe`). Rates change the
+ * predicted times and the choice among fitting plans, never whether a plan fits.
+ */
+import { findCatalogModel } from "../../catalog/models.ts";
+import { KinoError, toKinoError } from "../../errors.ts";
+import type { DeviceInfo } from "../../protocol/engine.ts";
+import { GiB, H100_80GB, type HardwareProfile } from "../../planner/hardware.ts";
+import { modelManifest } from "../../planner/manifest.ts";
+import { plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
+import type { JobParams } from "../schemas.ts";
+
+export interface MachineFacts {
+  /** The GPUs of the server's engines (empty: CPU engines only). */
+  readonly gpus: readonly DeviceInfo[];
+  /** Host memory the engine reported, null when unknown. */
+  readonly hostRamBytes: number | null;
+}
+
+/** A planner profile for a GPU an engine reported. */
+export function hardwareFor(gpu: DeviceInfo, hostRamBytes: number | null): HardwareProfile {
+  const hostRam = hostRamBytes ?? H100_80GB.hostRam;
+  return { ...H100_80GB, name: gpu.name, vramTotal: gpu.totalBytes, vramFree: gpu.freeBytes, hostRam, pinnedLimit: hostRam / 2 };
+}
+
+/**
+ * Plans the job on the server's largest GPU; null where there is nothing to plan.
+ * @throws KinoError INFEASIBLE naming the smallest VRAM budget that works.
+ */
+export function admit(modelId: string | null, params: JobParams, machine: MachineFacts): Plan | null {
+  const model = modelId === null ? undefined : findCatalogModel(modelId);
+  if (model?.architecture == null || machine.gpus.length === 0) return null;
+  const gpu = machine.gpus.reduce((a, b) => (b.freeBytes > a.freeBytes ? b : a));
+  const hardware = hardwareFor(gpu, machine.hostRamBytes);
+  const manifest = modelManifest(model.id, model.architecture);
+  const request: PlanRequest = { width: params.width, height: params.height, frames: params.frames, steps: params.steps, guidance: params.guidance };
+  try {
+    return plan(manifest, hardware, request);
+  } catch (err) {
+    const e = toKinoError(err);
+    if (e.code !== "INFEASIBLE" || e.field !== "vram") throw e;
+    const need = smallestVramBudget(manifest, hardware, request) / GiB;
+    throw new KinoError(
+      "INFEASIBLE",
+      `${model.id} at ${params.width}x${params.height}x${params.frames} does not fit on this server: its largest GPU (${gpu.name}) has ` +
+        `${(gpu.freeBytes / GiB).toFixed(1)} GiB free and the smallest plan needs a ${need.toFixed(1)} GiB budget; ask for a smaller size or fewer frames`,
+      { field: null, cause: err },
+    );
+  }
+}

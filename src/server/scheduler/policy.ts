@@ -1,0 +1,74 @@
+/**
+ * The scheduler's decisions as pure functions, table-tested without engines: which engine takes a
+ * job, whether an out-of-memory error is retried, whether an error means the engine process is gone,
+ * and which waiting jobs would share a forward (batching; see `selectBatch`).
+ */
+import type { ErrorCode } from "../../errors.ts";
+
+/** What the scheduler knows about an engine when it places a job. */
+export interface SlotView {
+  readonly index: number;
+  /** Started and not running or loading anything. */
+  readonly free: boolean;
+  /** Identity of the loaded model (see `modelIdentity`), null when none is. */
+  readonly loaded: string | null;
+  /** When its keep-alive ends (ms since the epoch); null: never, or nothing loaded. */
+  readonly expiresAt: number | null;
+}
+
+/**
+ * The engine for a job whose model is `identity`, or null when none is free: one that has the model
+ * loaded (no load), else one with nothing loaded, else the one whose model would be unloaded soonest
+ * anyway (Ollama evicts the same way). A free engine is always taken over waiting for a warm busy
+ * one: another GPU loading the model beats queueing behind a running job.
+ */
+export function pickSlot(slots: readonly SlotView[], identity: string): number | null {
+  const free = slots.filter((s) => s.free);
+  const warm = free.find((s) => s.loaded === identity) ?? free.find((s) => s.loaded === null);
+  if (warm !== undefined) return warm.index;
+  let evict: SlotView | undefined;
+  for (const s of free) if (evict === undefined || (s.expiresAt ?? Infinity) < (evict.expiresAt ?? Infinity)) evict = s;
+  return evict?.index ?? null;
+}
+
+/** How many times a job that ran out of device memory is run again. */
+export const OOM_RETRIES = 1;
+
+export interface OomDecision {
+  readonly retry: boolean;
+  /** Why, for the log and the job's notice event. */
+  readonly reason: string;
+}
+
+/**
+ * After an OOM the engine has freed what it could (its caches, the failed step's tensors), so the
+ * same job often fits on a second try: memory held by an earlier job, fragmentation. Retried once.
+ * The hook for a smaller plan: when the planner can name "the next safer plan" for a request
+ * (streamed blocks, tiled decode), return it here and the runner will load it before the retry.
+ */
+export function decideOomRetry(retriesSoFar: number): OomDecision {
+  if (retriesSoFar < OOM_RETRIES) {
+    return { retry: true, reason: "out of device memory; retrying once: the engine freed its caches and the failed step's memory" };
+  }
+  return { retry: false, reason: `out of device memory again after ${retriesSoFar} retr${retriesSoFar === 1 ? "y" : "ies"}; giving up` };
+}
+
+/** Errors after which the engine process is gone or unusable: it is replaced by a fresh one. */
+export function isEngineFailure(code: ErrorCode): boolean {
+  return code === "ENGINE_CRASHED" || code === "ENGINE_STALLED" || code === "ENGINE_CLOSED" || code === "ENGINE_UNAVAILABLE";
+}
+
+/** Delay before starting an engine again after its start failed `failures` times in a row: 1 s doubling to 1 min. */
+export function restartBackoffMs(failures: number): number {
+  return Math.min(60_000, 1000 * 2 ** Math.max(0, failures - 1));
+}
+
+/**
+ * Batching extension point. The jobs to run as one batched forward with `next`: those waiting that
+ * share its model and shape (see `batchKey`) while the plan has room. The engine protocol's
+ * `generate` takes one JobSpec, so today this is always `[next]`; when the protocol carries a batch,
+ * this picks it and the runner sends it, and nothing else in the scheduler changes.
+ */
+export function selectBatch<T extends { readonly batchKey: string }>(next: T, _waiting: readonly T[]): T[] {
+  return [next];
+}
