@@ -462,7 +462,9 @@ class Placer:
             swapped.leave()
 
     def release(self) -> None:
-        """Undo the plan: every component resident on the device again, no budget."""
+        """Undo the plan: every component resident on the device again, no budget (lifted first: the
+        components coming back would not fit under it)."""
+        _set_budget(self.device, None)
         for swapped in self.swapped.values():
             swapped.restore()
         self.swapped = {}
@@ -473,4 +475,3 @@ class Placer:
             if getattr(self.plan, name).kind == "cpu":
                 self.components[name].to(self.device)
         self.plan = MemoryPlan()
-        _set_budget(self.device, None)
