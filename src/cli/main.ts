@@ -27,7 +27,16 @@ import { profileCommand } from "./profile.ts";
 import { serveCommand } from "./serve.ts";
 
 /** Every command, one file each. */
-const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [generateCommand, modelsCommand, doctorCommand, benchCommand, benchMemoryCommand, profileCommand, planCommand];
+const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [
+  generateCommand,
+  modelsCommand,
+  doctorCommand,
+  benchCommand,
+  benchMemoryCommand,
+  profileCommand,
+  planCommand,
+  serveCommand,
+];
 
 /** Exit status of a command line the parser refused (unknown flag, missing value). */
 const USAGE_EXIT = 2;

@@ -97,6 +97,8 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
   const service = new JobService({ journal, scheduler, modelsDir: config.modelsDir, dataDir: options.dataDir });
 
   const app = Fastify({ bodyLimit: options.bodyLimitBytes, logger: false });
+  // Bodies are JSON: a text body would reach the routes as a string and be refused less clearly.
+  app.removeContentTypeParser("text/plain");
   installErrorHandling(app, logger, options.bodyLimitBytes);
   app.addHook("onRequest", securityHook({ apiKey: options.apiKey, loopback: isLoopbackHost(options.host) }));
   app.addHook("onResponse", async (request, reply) => logger.debug(`${request.method} ${request.url} → ${reply.statusCode}`));

@@ -12,7 +12,8 @@ import type { ErrorInfo } from "../schemas.ts";
 export function errorBody(error: KinoError): { error: ErrorInfo } {
   const { field } = error;
   let message = field !== null && !error.message.startsWith(field) ? `${field}: ${error.message}` : error.message;
-  if (error.hint !== undefined) message += ` (${error.hint})`;
+  // INTERNAL's hint is the CLI's ("rerun with --debug"); a client can do nothing with it.
+  if (error.hint !== undefined && error.code !== "INTERNAL") message += ` (${error.hint})`;
   return { error: { code: error.code, message, field } };
 }
 

@@ -1,8 +1,10 @@
 /**
- * Admission through the planner: a job for a catalog model with a known architecture, on a server
- * with GPUs, is planned against the largest GPU before it is queued; one that fits nowhere is
- * refused at once (422 INFEASIBLE) with the smallest VRAM budget that would work. Jobs on CPU engines
- * and of kino's tiny model are not planned (the planner models GPUs and full-size architectures).
+ * The planner in the server. Admission: a job for a catalog model with a known architecture, on a
+ * server with GPUs, is planned against the largest GPU before it is queued; one that fits nowhere is
+ * refused at once (422 INFEASIBLE) with the smallest VRAM budget that would work. Execution: the
+ * engine that takes the job plans it again for its own GPU, and loads and generates with that plan
+ * (planner/execute.ts). Jobs on CPU engines and of kino's tiny model are not planned (the planner
+ * models GPUs and full-size architectures).
  *
  * The hardware profile is built from what the engine reported (`hello`: total and free VRAM, host
  * RAM); the rates are the H100 preset's until the engine measures them (`probe`). Rates change the
@@ -13,7 +15,7 @@ import { KinoError, toKinoError } from "../../errors.ts";
 import type { DeviceInfo } from "../../protocol/engine.ts";
 import { GiB, H100_80GB, type HardwareProfile } from "../../planner/hardware.ts";
 import { modelManifest } from "../../planner/manifest.ts";
-import { plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
+import { DEFAULT_MARGIN, plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
 import type { JobParams } from "../schemas.ts";
 
 export interface MachineFacts {
@@ -30,27 +32,36 @@ export function hardwareFor(gpu: DeviceInfo, hostRamBytes: number | null): Hardw
 }
 
 /**
- * Plans the job on the server's largest GPU; null where there is nothing to plan.
+ * Plans a job on one GPU, keeping `margin` of its free VRAM unused; null where there is nothing to
+ * plan (no GPU, or a model without an architecture).
  * @throws KinoError INFEASIBLE naming the smallest VRAM budget that works.
  */
-export function admit(modelId: string | null, params: JobParams, machine: MachineFacts): Plan | null {
+export function planOn(modelId: string | null, params: JobParams, gpu: DeviceInfo | undefined, hostRamBytes: number | null, margin = DEFAULT_MARGIN): Plan | null {
   const model = modelId === null ? undefined : findCatalogModel(modelId);
-  if (model?.architecture == null || machine.gpus.length === 0) return null;
-  const gpu = machine.gpus.reduce((a, b) => (b.freeBytes > a.freeBytes ? b : a));
-  const hardware = hardwareFor(gpu, machine.hostRamBytes);
+  if (model?.architecture == null || gpu === undefined) return null;
+  const hardware = hardwareFor(gpu, hostRamBytes);
   const manifest = modelManifest(model.id, model.architecture);
   const request: PlanRequest = { width: params.width, height: params.height, frames: params.frames, steps: params.steps, guidance: params.guidance };
   try {
-    return plan(manifest, hardware, request);
+    return plan(manifest, hardware, request, { margin });
   } catch (err) {
     const e = toKinoError(err);
     if (e.code !== "INFEASIBLE" || e.field !== "vram") throw e;
-    const need = smallestVramBudget(manifest, hardware, request) / GiB;
+    const need = smallestVramBudget(manifest, hardware, request, { margin }) / GiB;
     throw new KinoError(
       "INFEASIBLE",
-      `${model.id} at ${params.width}x${params.height}x${params.frames} does not fit on this server: its largest GPU (${gpu.name}) has ` +
-        `${(gpu.freeBytes / GiB).toFixed(1)} GiB free and the smallest plan needs a ${need.toFixed(1)} GiB budget; ask for a smaller size or fewer frames`,
-      { field: null, cause: err },
+      `${model.id} at ${params.width}x${params.height}x${params.frames} does not fit on ${gpu.name}, which has ` +
+        `${(gpu.freeBytes / GiB).toFixed(1)} GiB free: the smallest plan needs a ${need.toFixed(1)} GiB VRAM budget; ask for a smaller size or fewer frames`,
+      { cause: err },
     );
   }
+}
+
+/**
+ * Admission: plans the job on the server's largest GPU.
+ * @throws KinoError INFEASIBLE naming the smallest budget that works.
+ */
+export function admit(modelId: string | null, params: JobParams, machine: MachineFacts): Plan | null {
+  const largest = machine.gpus.reduce<DeviceInfo | undefined>((a, b) => (a === undefined || b.freeBytes > a.freeBytes ? b : a), undefined);
+  return planOn(modelId, params, largest, machine.hostRamBytes);
 }

@@ -5,6 +5,8 @@
 import { choosePlacement } from "../../api/generate.ts";
 import { findCatalogModel } from "../../catalog/models.ts";
 import { KinoError } from "../../errors.ts";
+import { jobFieldsOf, memorySpecOf } from "../../planner/execute.ts";
+import type { Plan } from "../../planner/plan.ts";
 import type { DeviceInfo, JobSpec, ModelSpec } from "../../protocol/engine.ts";
 import type { JobSubmission } from "../jobs/store.ts";
 
@@ -26,10 +28,11 @@ export function batchKey(s: JobSubmission): string {
 const SERVER_WEIGHT_SEED = 0;
 
 /**
- * The model spec for an engine that sees `gpus` (none: a CPU engine). Compile stays off: its first
- * job would pay minutes for it, and the runtime cache folder keeps the attention choice warm anyway.
+ * The model spec for an engine that sees `gpus` (none: a CPU engine), with the plan's memory
+ * placements where the job was planned. Compile stays off: its first job would pay minutes for it,
+ * and the runtime cache folder keeps the attention choice warm anyway.
  */
-export function modelSpecFor(s: JobSubmission, gpus: readonly DeviceInfo[], cacheDir: string): ModelSpec {
+export function modelSpecFor(s: JobSubmission, gpus: readonly DeviceInfo[], cacheDir: string, plan: Plan | null): ModelSpec {
   const { device, dtype } = choosePlacement({ device: gpus.length > 0 ? "cuda" : "cpu", dtype: s.dtype ?? undefined }, gpus);
   let source: ModelSpec["source"];
   if (s.model.randomWeights) {
@@ -40,9 +43,21 @@ export function modelSpecFor(s: JobSubmission, gpus: readonly DeviceInfo[], cach
     if (s.model.path === null) throw new KinoError("INTERNAL", `${s.model.name} has no checkpoint path`);
     source = { kind: "checkpoint", path: s.model.path };
   }
-  return { name: s.model.name, source, device, dtype, runtime: { cfg: "auto", attention: "auto", compile: false, cacheDir } };
+  return {
+    name: s.model.name,
+    source,
+    device,
+    dtype,
+    runtime: { cfg: "auto", attention: "auto", compile: false, cacheDir },
+    ...(plan === null ? {} : { memory: memorySpecOf(plan) }),
+  };
 }
 
-export function jobSpecFor(s: JobSubmission, video: string): JobSpec {
-  return { ...s.params, output: { video, framesDir: null } };
+/** Whether an engine that loaded `a` can run a job that needs `b` without loading again. */
+export function sameLoad(a: ModelSpec, b: ModelSpec): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+export function jobSpecFor(s: JobSubmission, video: string, plan: Plan | null): JobSpec {
+  return { ...s.params, output: { video, framesDir: null }, ...(plan === null ? {} : jobFieldsOf(plan)) };
 }

@@ -34,23 +34,31 @@ export function pickSlot(slots: readonly SlotView[], identity: string): number |
 /** How many times a job that ran out of device memory is run again. */
 export const OOM_RETRIES = 1;
 
+/** The share of free VRAM a retry's plan keeps unused (the planner's default keeps 10%). */
+export const OOM_RETRY_MARGIN = 0.25;
+
 export interface OomDecision {
   readonly retry: boolean;
   /** Why, for the log and the job's notice event. */
   readonly reason: string;
+  /** The margin to plan the retry with (a safer plan), where the job is planned. */
+  readonly margin: number;
 }
 
 /**
- * After an OOM the engine has freed what it could (its caches, the failed step's tensors), so the
- * same job often fits on a second try: memory held by an earlier job, fragmentation. Retried once.
- * The hook for a smaller plan: when the planner can name "the next safer plan" for a request
- * (streamed blocks, tiled decode), return it here and the runner will load it before the retry.
+ * After an OOM the engine has freed what it could (its caches, the failed step's tensors). A planned
+ * job is retried once with a safer plan: planned again keeping a quarter of the VRAM free, which
+ * moves weights off the device or tiles the decode where the prediction was too tight. An unplanned
+ * one (CPU, tiny) is retried once as it was: memory held by an earlier job may have been the cause.
  */
-export function decideOomRetry(retriesSoFar: number): OomDecision {
-  if (retriesSoFar < OOM_RETRIES) {
-    return { retry: true, reason: "out of device memory; retrying once: the engine freed its caches and the failed step's memory" };
+export function decideOomRetry(retriesSoFar: number, planned: boolean): OomDecision {
+  if (retriesSoFar >= OOM_RETRIES) {
+    return { retry: false, reason: `out of device memory again after ${retriesSoFar} retry; giving up`, margin: OOM_RETRY_MARGIN };
   }
-  return { retry: false, reason: `out of device memory again after ${retriesSoFar} retr${retriesSoFar === 1 ? "y" : "ies"}; giving up` };
+  const how = planned
+    ? `with a safer plan (${Math.round(OOM_RETRY_MARGIN * 100)}% of the GPU's free memory kept unused)`
+    : "after the engine freed its caches and the failed step's memory";
+  return { retry: true, reason: `out of device memory; retrying once ${how}`, margin: OOM_RETRY_MARGIN };
 }
 
 /** Errors after which the engine process is gone or unusable: it is replaced by a fresh one. */

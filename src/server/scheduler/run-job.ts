@@ -1,12 +1,14 @@
 /**
  * Runs one job on one engine slot, from "started" to its terminal event: make the tiny model if
- * needed, load the model unless the engine holds it, generate into a temporary file in the job's
- * folder, rename it into place, record the artifact and the result. How it ends:
+ * needed, plan it for the engine's GPU, load the model unless the engine holds it with that plan,
+ * generate into a temporary file in the job's folder, rename it into place, record the artifact and
+ * the result. How it ends:
  *
  * - completed: the video is at <dataDir>/jobs/<id>/video.mp4;
  * - cancelled: the client asked (the engine stops between steps);
  * - back to queued: the server is shutting down (graceful shutdown requeues, see recovery.ts);
- * - failed: anything else, with the error's code, message and field; an OOM is retried once first;
+ * - failed: anything else, with the error's code, message and field; an OOM is retried once first,
+ *   with a safer plan where the job is planned;
  *   an engine that died (crash, SIGKILL, stall) fails this job and is replaced for the next one.
  */
 import { randomUUID } from "node:crypto";
@@ -21,7 +23,9 @@ import type { JobJournal } from "../jobs/journal.ts";
 import type { StoredArtifact, StoredJob } from "../jobs/store.ts";
 import { artifactView } from "../jobs/view.ts";
 import type { ErrorInfo, JobResult } from "../schemas.ts";
-import { jobSpecFor, modelIdentity, modelSpecFor } from "./model-spec.ts";
+import { describeDecode, describePlacement, type Plan } from "../../planner/plan.ts";
+import { planOn } from "./admission.ts";
+import { jobSpecFor, modelIdentity, modelSpecFor, sameLoad } from "./model-spec.ts";
 import { decideOomRetry, isEngineFailure } from "./policy.ts";
 import { ProgressTracker } from "./progress.ts";
 import type { EngineSlot } from "./slot.ts";
@@ -61,14 +65,6 @@ export async function runJob(job: StoredJob, slot: EngineSlot, signal: AbortSign
       await journal.note(id, { type: "notice", message: `making kino's tiny model in ${submission.model.path} (once; a few seconds)` });
       await ensureTinyModel(submission.model.path, deps.makeTiny);
     }
-    const identity = modelIdentity(submission);
-    if (slot.loadedIdentity !== identity) {
-      await journal.note(id, { type: "model.loading", model: submission.model.name });
-      const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir);
-      // A load is not cancellable in the protocol: a cancel during it takes effect right after.
-      await deps.exclusiveLoad(() => slot.load(spec, identity));
-    }
-    throwIfAborted(signal);
     await mkdir(jobFolder(deps.dataDir, id), { recursive: true });
     const result = await generateWithOomRetry(job, slot, partial, signal, deps);
     const video = jobFile(deps.dataDir, id, VIDEO_FILE);
@@ -92,26 +88,52 @@ export async function runJob(job: StoredJob, slot: EngineSlot, signal: AbortSign
   }
 }
 
+/**
+ * Plans the job for this engine's GPU (where it is planned), loads the model unless the engine holds
+ * it with the same plan, and generates; after an OOM, once more with a safer plan (policy.ts).
+ */
 async function generateWithOomRetry(job: StoredJob, slot: EngineSlot, partial: string, signal: AbortSignal, deps: RunJobDeps): Promise<GenerateResult> {
+  const { submission, id } = job;
+  const planFor = (margin?: number) => planOn(submission.model.name, submission.params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, margin);
+  let plan = planFor();
   for (let retries = 0; ; retries++) {
+    if (plan !== null) deps.logger.info(`job ${id}: ${describePlan(plan)}`);
+    const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan);
+    const loaded = slot.loadedSpec;
+    if (loaded === null || !sameLoad(loaded, spec)) {
+      await deps.journal.note(id, { type: "model.loading", model: submission.model.name });
+      // A load is not cancellable in the protocol: a cancel during it takes effect right after.
+      await deps.exclusiveLoad(() => slot.load(spec, modelIdentity(submission)));
+    }
+    throwIfAborted(signal);
     const progress = new ProgressTracker();
     try {
-      return await slot.generate(jobSpecFor(job.submission, partial), {
+      return await slot.generate(jobSpecFor(submission, partial, plan), {
         signal,
         onEvent: (event) => {
           const data = progress.toEvent(event);
-          if (data !== null) void deps.journal.note(job.id, data).catch(() => {});
+          if (data !== null) void deps.journal.note(id, data).catch(() => {});
         },
       });
     } catch (err) {
       const error = toKinoError(err);
       if (error.code !== "OOM" || signal.aborted) throw err;
-      const decision = decideOomRetry(retries);
-      deps.logger.warn(`job ${job.id}: ${decision.reason} (${error.message})`);
+      const decision = decideOomRetry(retries, plan !== null);
+      deps.logger.warn(`job ${id}: ${decision.reason} (${error.message})`);
       if (!decision.retry) throw err;
-      await deps.journal.note(job.id, { type: "notice", message: decision.reason });
+      await deps.journal.note(id, { type: "notice", message: decision.reason });
+      if (plan !== null) plan = planFor(decision.margin);
     }
   }
+}
+
+function describePlan(p: Plan): string {
+  const gib = (b: number) => `${(b / 2 ** 30).toFixed(1)} GiB`;
+  const { textEncoder, transformer, vae } = p.placement;
+  return (
+    `plan on ${p.hardware}: text encoder ${describePlacement(textEncoder)}, transformer ${describePlacement(transformer)}, VAE ${describePlacement(vae)}, ` +
+    `decode ${describeDecode(p.vaeDecode)}, CFG ${p.cfg}; predicted peak ${gib(p.predicted.peakVram)} of ${gib(p.budget.usableVram)} usable`
+  );
 }
 
 async function settleFailure(id: string, error: KinoError, signal: AbortSignal, deps: RunJobDeps): Promise<void> {

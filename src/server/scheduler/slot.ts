@@ -43,7 +43,7 @@ export class EngineSlot {
   #activity: Activity = "idle";
   #engine: EngineClient | null = null;
   #hello: HelloResult | null = null;
-  #loaded: { readonly identity: string; readonly name: string } | null = null;
+  #loaded: { readonly identity: string; readonly spec: ModelSpec } | null = null;
   #jobId: string | null = null;
   #vramBytes: number | null = null;
   #expiresAt: number | null = null;
@@ -79,6 +79,11 @@ export class EngineSlot {
     return this.#loaded?.identity ?? null;
   }
 
+  /** What the engine loaded last (its memory plan included); null when nothing is loaded. */
+  get loadedSpec(): ModelSpec | null {
+    return this.#loaded?.spec ?? null;
+  }
+
   view(): SlotView {
     return { index: this.index, free: this.#life === "up" && this.#activity === "idle", loaded: this.loadedIdentity, expiresAt: this.#expiresAt };
   }
@@ -90,7 +95,7 @@ export class EngineSlot {
       state: this.state,
       device:
         this.#hello === null ? null : gpu === undefined ? { kind: "cpu", name: "cpu", totalBytes: null } : { kind: "cuda", name: gpu.name, totalBytes: gpu.totalBytes },
-      model: this.#loaded?.name ?? null,
+      model: this.#loaded?.spec.name ?? null,
       jobId: this.#jobId,
       vramBytes: this.#vramBytes,
       keepAliveExpiresAt: this.#expiresAt === null ? null : new Date(this.#expiresAt).toISOString(),
@@ -165,7 +170,7 @@ export class EngineSlot {
     this.#loaded = null;
     try {
       const result = await this.#running().load(spec, { onEvent });
-      this.#loaded = { identity, name: spec.name };
+      this.#loaded = { identity, spec };
       return result;
     } finally {
       if (this.#activity === "loading") this.#activity = "busy";
@@ -258,7 +263,7 @@ export class EngineSlot {
   /** Keep-alive expiry: a fresh engine, which holds no model. */
   async #unload(why: string): Promise<void> {
     if (this.#life !== "up" || this.#activity !== "idle" || this.#loaded === null) return;
-    this.#deps.logger.info(`engine ${this.index}: ${why}; unloading ${this.#loaded.name} (a fresh engine process: the protocol has no unload)`);
+    this.#deps.logger.info(`engine ${this.index}: ${why}; unloading ${this.#loaded.spec.name} (a fresh engine process: the protocol has no unload)`);
     await this.#fresh(false);
   }
 
