@@ -71,6 +71,21 @@ def test_streamed_blocks_give_the_resident_output(resident: int, prefetch: int) 
     assert streamer.resyncs == 0
 
 
+def test_slots_live_only_in_the_transformer_phase() -> None:
+    x = torch.randn(2, 16)
+    model = Stack()
+    expected = model(x)
+    placer = Placer(MemoryPlan(transformer=Placement("streamed", 1, 2)), torch.device("cpu"), {})
+    placer.streamer = streamer = BlockStreamer(model, "blocks", 1, 2, torch.device("cpu"))
+    for _ in range(3):
+        with placer.active("transformer"):
+            assert len(streamer.slots) == 3
+            assert torch.equal(model(x), expected)
+            assert torch.equal(model(x), expected)
+        assert streamer.slots == [], "the slots must be freed when the transformer's phase ends"
+    assert torch.equal(model(x), expected), "a forward outside the phase allocates the slots itself"
+
+
 def test_an_interrupted_forward_resyncs() -> None:
     x = torch.randn(2, 16)
     model = Stack()

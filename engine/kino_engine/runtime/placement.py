@@ -9,7 +9,8 @@ A `MemoryPlan` names, for the text encoder, the transformer and the VAE, one `Pl
 - "streamed" (transformer only): the model's non-block modules and its first `resident_blocks`
   blocks stay on the device; the other blocks live in one pinned host buffer and are copied, a
   block at a time, into `prefetch + 1` device slots on a side CUDA stream, `prefetch` blocks ahead
-  of the one computing. The host holds one copy of the streamed weights, not two;
+  of the one computing. The host holds one copy of the streamed weights, not two; the slots exist
+  only during the transformer's phase (text encode and decode get their memory);
 - "cpu" (text encoder only): stays on the host and runs there; its output moves to the device.
 
 `vram_budget` caps the bytes the engine process may hold on the device (torch's per-process memory
@@ -276,8 +277,8 @@ class BlockStreamer:
                 views.append(view)
             self.host_views.append(views)
         self.slots_count = min(prefetch + 1, count)
-        self.slots = [torch.empty(self.block_bytes, dtype=torch.uint8, device=device) for _ in range(self.slots_count)]
-        self.slot_views = [[_view(slot, offset, t) for t, offset in zip(first, self.offsets)] for slot in self.slots]
+        self.slots: list[torch.Tensor] = []
+        self.slot_views: list[list[torch.Tensor]] = []
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         # Per slot: the ticket whose bytes it holds (or is receiving), the event of that copy, and the
         # event marking the end of the last compute that read it.
@@ -297,7 +298,32 @@ class BlockStreamer:
 
     @property
     def device_bytes(self) -> int:
+        """Device bytes of the slots while the transformer's phase runs (none outside it)."""
         return self.block_bytes * self.slots_count
+
+    def enter(self) -> None:
+        """Allocate the device slots (the transformer's phase begins); the cycle starts over."""
+        if self.slots:
+            return
+        first = self.tensors[0]
+        self.slots = [torch.empty(self.block_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots_count)]
+        self.slot_views = [[_view(slot, offset, t) for t, offset in zip(first, self.offsets)] for slot in self.slots]
+        self.slot_ticket = [None] * self.slots_count
+        self.copied = [None] * self.slots_count
+        self.freed = [None] * self.slots_count
+        self.issued = self.ticket - 1
+
+    def leave(self) -> None:
+        """Free the device slots (the transformer's phase ends), so decode has their memory."""
+        if not self.slots:
+            return
+        if self.cuda:
+            # Copies still in flight (the next forward's prefetch) write into the slots: order the
+            # free after them, since the allocator reuses freed memory in the compute stream's order.
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)  # type: ignore[arg-type]
+        self.slots = []
+        self.slot_views = []
+        self.slot_ticket = [None] * self.slots_count
 
     def call(self, index: int, block: torch.nn.Module) -> _Call:
         return _Call(self, index, block)
@@ -338,13 +364,14 @@ class BlockStreamer:
         self.issued = p - 1
 
     def before(self, index: int) -> None:
+        self.enter()  # a forward outside Placer.active (a benchmark calling the model) allocates them too
         p = self.position[index]
         if self._block_of(self.ticket) != p:
             self._resync(p)
         ticket = self.ticket
         slot = ticket % self.slots_count
-        if self.slot_ticket[slot] != ticket:  # not prefetched (first call, or after a resync)
-            self.issued = max(self.issued, ticket - 1)
+        if self.slot_ticket[slot] != ticket:  # not prefetched (first call, new slots, or after a resync)
+            self.issued = ticket - 1
         # Queue this ticket (if needed) and up to slots_count - 1 ahead: their slots' previous
         # readers are tickets < this one, already queued on the compute stream.
         for ahead in range(self.issued + 1, ticket + self.slots_count):
@@ -370,16 +397,13 @@ class BlockStreamer:
 
     def restore(self) -> None:
         """Every block resident again; the ModuleList back to a plain one."""
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)  # type: ignore[arg-type]
+        self.leave()
         for ts, views in zip(self.tensors, self.host_views):
             for t, view in zip(ts, views):
                 t.data = view.to(self.device, copy=True)
         blocks = getattr(self.owner, self.attr)
         blocks.__class__ = torch.nn.ModuleList
         del blocks._kino_streamer
-        self.slots = []
-        self.slot_views = []
         self.host.close()
 
 
@@ -452,6 +476,16 @@ class Placer:
     def active(self, name: str) -> Iterator[None]:
         """Within the block, component `name` is on the device (a swapped one is copied in, then out)."""
         swapped = self.swapped.get(name)
+        streamer = self.streamer if name == "transformer" else None
+        if streamer is not None:
+            fresh = not streamer.slots
+            streamer.enter()
+            try:
+                yield
+            finally:
+                if fresh:
+                    streamer.leave()
+            return
         if swapped is None or swapped.inside:
             yield
             return
