@@ -82,6 +82,8 @@ const controlPlaneCodes = {
   NO_ENGINE: { exit: 1, http: 503, hint: "run kino doctor on the server machine" },
   /** kino serve was asked to bind beyond the loopback address without an API key. */
   API_KEY_REQUIRED: { exit: 2, http: 500, hint: "set $KINO_API_KEY (or --api-key), or bind to 127.0.0.1" },
+  /** The Node running kino lacks something a command needs (node:sqlite for kino serve). */
+  NODE_TOO_OLD: { exit: 1, http: 500, hint: "use Node 22.13 or newer (scripts/setup.sh brings one; $KINO_NODE picks it)" },
   /** Another kino serve uses the same data folder. */
   DATA_DIR_IN_USE: { exit: 1, http: 500, hint: "stop the other server, or give this one another --data-dir" },
 } as const satisfies Record<string, CodeInfo>;

@@ -81,6 +81,11 @@ describe("a job through the native API (FakeEngine)", () => {
     const done = Job.parse((await t.server.app.inject({ method: "GET", url: `/api/jobs/${job.id}` })).json());
     assert.equal(done.artifacts[0]!.bytes, bytes.length);
 
+    const head = await t.server.app.inject({ method: "HEAD", url: `/api/jobs/${job.id}/video` });
+    assert.equal(head.statusCode, 200);
+    assert.equal(Number(head.headers["content-length"]), bytes.length);
+    assert.equal(head.rawPayload.length, 0, "HEAD sends the headers only");
+
     const part = await t.server.app.inject({ method: "GET", url: `/api/jobs/${job.id}/video`, headers: { range: "bytes=10-109" } });
     assert.equal(part.statusCode, 206);
     assert.equal(part.headers["content-range"], `bytes 10-109/${bytes.length}`);

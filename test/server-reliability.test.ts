@@ -13,7 +13,7 @@ import { jobFile } from "../src/server/jobs/files.ts";
 import { MAX_INTERRUPTIONS, recoveryAction } from "../src/server/jobs/recovery.ts";
 import { SqliteJobStore } from "../src/server/jobs/sqlite-store.ts";
 import type { JobSubmission } from "../src/server/jobs/store.ts";
-import { parseSse, SMALL_JOB, startTestServer, submit, waitForStatus } from "./fixtures/server.ts";
+import { parseSse, SMALL_JOB, startTestServer, submit, waitForStatus, withTestServer } from "./fixtures/server.ts";
 import { removeDir } from "./fixtures/temp.ts";
 
 test("a restart with 50 queued jobs loses none: all 50 run after it, in submission order", { timeout: 120_000 }, async () => {
@@ -96,8 +96,7 @@ test("jobs a dead server left running: requeued once, failed with INTERRUPTED th
 
 test("500 submissions at once: a bounded queue, immediate 429s, no crash, every accepted job completes", { timeout: 120_000 }, async () => {
   const QUEUE = 20;
-  const t = await startTestServer({ engine: () => new FakeEngine({ stepMs: 5 }), options: { queueSize: QUEUE } });
-  try {
+  await withTestServer({ engine: () => new FakeEngine({ stepMs: 5 }), options: { queueSize: QUEUE } }, async (t) => {
     await t.server.scheduler.whenReady();
     const started = performance.now();
     const answers = await Promise.all(
@@ -120,20 +119,13 @@ test("500 submissions at once: a bounded queue, immediate 429s, no crash, every 
     assert.equal((await t.server.app.inject({ method: "GET", url: "/api/health" })).json().status, "ok", "the server is still up and well");
     const after = await submit(t.server, SMALL_JOB);
     assert.equal(after.status, 202, "and takes jobs again once the queue drained");
-  } finally {
-    await t.server.close();
-    removeDir(t.home);
-  }
+  });
 });
 
 test("a second server on the same data folder is refused with DATA_DIR_IN_USE", async () => {
-  const t = await startTestServer();
-  try {
+  await withTestServer({}, async (t) => {
     await assert.rejects(startTestServer({ home: t.home }), (e: KinoError) => e.code === "DATA_DIR_IN_USE" && /another kino serve/.test(e.message));
-  } finally {
-    await t.server.close();
-    removeDir(t.home);
-  }
+  });
 });
 
 test("graceful shutdown while a client follows a job: the stream ends, the job is queued, nothing is lost", async () => {

@@ -7,8 +7,8 @@ import { join } from "node:path";
 import { Command } from "commander";
 import type { KinoConfig } from "../config/config.ts";
 import { SubprocessEngine } from "../engine/subprocess.ts";
+import { KinoError } from "../errors.ts";
 import { createLogger } from "../log.ts";
-import { buildServer } from "../server/app.ts";
 import { DEFAULT_HOST, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, resolveServeOptions, type ServeFlags } from "../server/options.ts";
 import type { SlotEngineFactory } from "../server/scheduler/slot.ts";
 import type { CliContext } from "./context.ts";
@@ -26,6 +26,7 @@ export function serveCommand(ctx: CliContext): Command {
       const options = resolveServeOptions(ctx.config, flags, ctx.cwd);
       // Decisions (engines up, keep-alive, requeues) are worth seeing on a server's console.
       const logger = createLogger(ctx.io.stderr, ctx.debug ? "debug" : "info");
+      const { buildServer } = await loadServer();
       const server = await buildServer({
         config: ctx.config,
         options,
@@ -57,6 +58,21 @@ function engineFactory(ctx: CliContext, logger: ReturnType<typeof createLogger>)
     const pinned: KinoConfig = { ...ctx.config, childEnv: Object.freeze({ ...ctx.config.childEnv, CUDA_VISIBLE_DEVICES: String(placement.gpu) }) };
     return SubprocessEngine.start(pinned, logger);
   };
+}
+
+/**
+ * The server is loaded when `serve` runs, not with the CLI: it needs node:sqlite, which Node 22 has
+ * without a flag only from 22.13, and the other commands should not pay for (or fail on) it.
+ */
+async function loadServer(): Promise<typeof import("../server/app.ts")> {
+  try {
+    return await import("../server/app.ts");
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "ERR_UNKNOWN_BUILTIN_MODULE") throw err;
+    throw new KinoError("NODE_TOO_OLD", `kino serve keeps its jobs with node:sqlite, which Node ${process.versions.node} does not have without a flag`, {
+      cause: err,
+    });
+  }
 }
 
 function packageVersion(config: KinoConfig): string {

@@ -85,7 +85,8 @@ export class SqliteJobStore implements JobStore {
    * @throws KinoError DATA_DIR_IN_USE when another server holds it.
    */
   static open(dataDir: string): SqliteJobStore {
-    mkdirSync(dataDir, { recursive: true });
+    // The jobs' prompts and videos are the users': not for other accounts on the machine.
+    mkdirSync(dataDir, { recursive: true, mode: 0o700 });
     return new SqliteJobStore(databasePath(dataDir));
   }
 
