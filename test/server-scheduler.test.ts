@@ -41,9 +41,11 @@ class ScriptedEngine extends FakeEngine {
     super({ devices: options.devices, stepMs: options.stepMs ?? 2 });
     this.ooms = options.ooms ?? 0;
   }
-  override load(model: ModelSpec, options?: Omit<RequestOptions, "signal">): Promise<LoadResult> {
+  override async load(model: ModelSpec, options?: Omit<RequestOptions, "signal">): Promise<LoadResult> {
     this.loads.push(model);
-    return super.load(model, options);
+    const result = await super.load(model, options);
+    // What the real engine reports after executing a memory plan on a GPU.
+    return model.device === "cuda" ? { ...result, memory: { pinnedBytes: 0, vramBudget: model.memory?.vramBudget ?? null, deviceWeightBytes: 3 * GiB } } : result;
   }
   override generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult> {
     this.jobs.push(job);
@@ -143,6 +145,8 @@ describe("engines and GPUs", () => {
       assert.equal(first.device, "cuda");
       assert.equal(first.memory?.vramBudget, 24 * GiB, "the plan's VRAM cap is the GPU's free memory");
       assert.equal(engine.jobs.length, 2, "one OOM, one retry");
+      const [status] = await ps(t);
+      assert.deepEqual([status!.vramBytes, status!.lastJobPeakVramBytes], [3 * GiB, 0], "ps: the weights' device bytes and the last job's peak");
       assert.ok(engine.jobs[0]!.vaeDecode !== undefined, "the plan's decode mode travels with the job");
       const events = parseSse((await t.server.app.inject({ method: "GET", url: `/api/jobs/${job.id}/events` })).body);
       const notice = events.find((e) => e.event === "notice")!;

@@ -189,8 +189,10 @@ export const EngineStatus = z.object({
   device: z.object({ kind: z.enum(["cuda", "cpu"]), name: z.string(), totalBytes: z.number().int().nullable() }).nullable(),
   model: z.string().nullable(),
   jobId: JobId.nullable(),
-  /** Peak device memory of the last job on this engine (the protocol has no live query); null on the CPU. */
+  /** Device bytes the loaded model's weights hold, as the engine reported after loading; null on the CPU, or with nothing loaded. */
   vramBytes: z.number().int().nullable(),
+  /** Peak device memory of the last job on this engine (the protocol has no live query); null on the CPU. */
+  lastJobPeakVramBytes: z.number().int().nullable(),
   keepAliveExpiresAt: Timestamp.nullable(),
   restarts: z.number().int(),
   error: z.string().nullable(),

@@ -153,12 +153,14 @@ export class Scheduler {
    */
   close(): Promise<void> {
     this.#closing ??= (async () => {
-      await this.#ready?.catch(() => {});
       for (const running of this.#running.values()) running.controller.abort(SHUTDOWN);
-      // Closing the engines also ends a load, which the protocol cannot cancel.
-      const engines = Promise.all(this.#slots.map((s) => s.close()));
+      // Closing the engines also ends a load (the protocol cannot cancel one) and a start in flight.
+      const closeEngines = () => Promise.all(this.#slots.map((s) => s.close()));
+      await closeEngines();
+      // Discovery sees the close and starts nothing more; should it have replaced the slots first, close those too.
+      await this.#ready?.catch(() => {});
+      await closeEngines();
       await Promise.all([...this.#running.values()].map((r) => r.done));
-      await engines;
     })();
     return this.#closing;
   }
@@ -168,7 +170,7 @@ export class Scheduler {
     this.#slots = [probe];
     await probe.start();
     const gpus = probe.gpus;
-    if (gpus.length > 1) {
+    if (gpus.length > 1 && this.#closing === null) {
       this.#deps.logger.info(`the engine sees ${gpus.length} GPUs: one engine per GPU`);
       await probe.close();
       this.#slots = gpus.map((g, i) => this.#newSlot(i, g.index));
@@ -206,11 +208,15 @@ export class Scheduler {
     slot.acquire(entry.id);
     const controller = new AbortController();
     const done = (async () => {
-      const job = await this.#deps.journal.store.get(entry.id);
+      const job = await this.#deps.journal.store.get(entry.id).catch((err: unknown) => {
+        slot.release(this.#deps.defaultKeepAliveMs);
+        throw err;
+      });
       if (job === undefined || job.status !== "queued") {
         slot.release(this.#deps.defaultKeepAliveMs);
         return;
       }
+      // runJob releases the slot itself, however the job ends.
       await runJob(job, slot, controller.signal, this.#runDeps);
     })()
       .catch((err: unknown) => this.#deps.logger.warn(`job ${entry.id}: ${toKinoError(err).message}`))

@@ -45,7 +45,8 @@ export class EngineSlot {
   #hello: HelloResult | null = null;
   #loaded: { readonly identity: string; readonly spec: ModelSpec } | null = null;
   #jobId: string | null = null;
-  #vramBytes: number | null = null;
+  #weightBytes: number | null = null;
+  #peakBytes: number | null = null;
   #expiresAt: number | null = null;
   /** The pending keep-alive expiry or restart backoff. */
   #cancelTimer: (() => void) | null = null;
@@ -97,7 +98,8 @@ export class EngineSlot {
         this.#hello === null ? null : gpu === undefined ? { kind: "cpu", name: "cpu", totalBytes: null } : { kind: "cuda", name: gpu.name, totalBytes: gpu.totalBytes },
       model: this.#loaded?.spec.name ?? null,
       jobId: this.#jobId,
-      vramBytes: this.#vramBytes,
+      vramBytes: this.#loaded === null ? null : this.#weightBytes,
+      lastJobPeakVramBytes: this.#peakBytes,
       keepAliveExpiresAt: this.#expiresAt === null ? null : new Date(this.#expiresAt).toISOString(),
       restarts: this.#restarts,
       error: this.#error,
@@ -171,6 +173,7 @@ export class EngineSlot {
     try {
       const result = await this.#running().load(spec, { onEvent });
       this.#loaded = { identity, spec };
+      this.#weightBytes = result.memory?.deviceWeightBytes ?? null;
       return result;
     } finally {
       if (this.#activity === "loading") this.#activity = "busy";
@@ -179,7 +182,7 @@ export class EngineSlot {
 
   async generate(job: JobSpec, options: { onEvent?: (event: EngineEvent) => void; signal?: AbortSignal }): Promise<GenerateResult> {
     const result = await this.#running().generate(job, options);
-    this.#vramBytes = result.peakVramBytes;
+    this.#peakBytes = result.peakVramBytes;
     return result;
   }
 
@@ -272,7 +275,8 @@ export class EngineSlot {
     this.#engine = null;
     this.#loaded = null;
     this.#expiresAt = null;
-    this.#vramBytes = null;
+    this.#weightBytes = null;
+    this.#peakBytes = null;
     if (!keepActivity) {
       this.#activity = "idle";
       this.#jobId = null;
