@@ -5,10 +5,11 @@
  * SIGKILL mid-job: that job fails with a clear error, the server stays up, the next job succeeds.
  */
 import assert from "node:assert/strict";
-import { writeFileSync } from "node:fs";
+import { spawn } from "node:child_process";
+import { existsSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { resolveConfig } from "../src/config/config.ts";
+import { REPO_ROOT, resolveConfig } from "../src/config/config.ts";
 import { SubprocessEngine } from "../src/engine/subprocess.ts";
 import { makeTinyCheckpoint } from "../src/engine/tools.ts";
 import { probeVideo } from "../src/media/ffprobe.ts";
@@ -109,5 +110,30 @@ describe("kino serve on the real engine, tiny model, CPU", { timeout: 240_000 },
     const failed = Job.parse(await (await fetch(`${url}/api/jobs/${job.id}`)).json());
     assert.equal(failed.status, "failed");
     assert.deepEqual(failed.artifacts, []);
+  });
+
+  test("bin/kino serve listens, answers, and on SIGTERM shuts down cleanly (exit 0)", async () => {
+    const serveHome = join(home, "cli");
+    const child = spawn(join(REPO_ROOT, "bin", "kino"), ["serve", "--port", "0"], {
+      env: { ...process.env, KINO_HOME: serveHome, KINO_API_KEY: "" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let stderr = "";
+    const exited = new Promise<number | null>((resolve) => child.once("close", (code) => resolve(code)));
+    const listening = await new Promise<string>((resolve, reject) => {
+      child.stderr.setEncoding("utf8").on("data", (text: string) => {
+        stderr += text;
+        const match = /listening on (http:\/\/[\d.]+:\d+)/.exec(stderr);
+        if (match !== null) resolve(match[1]!);
+      });
+      void exited.then(() => reject(new Error(`kino serve exited early: ${stderr}`)));
+    });
+    const health = await fetch(`${listening}/api/health`);
+    assert.equal(health.status, 200);
+    assert.ok(["ok", "degraded"].includes((await health.json()).status));
+    child.kill("SIGTERM");
+    assert.equal(await exited, 0, stderr);
+    assert.match(stderr, /shutting down/);
+    assert.ok(existsSync(join(serveHome, "data", "kino.db")), "the job database is in $KINO_HOME/data");
   });
 });
