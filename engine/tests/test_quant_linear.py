@@ -17,11 +17,12 @@ from kino_engine.quant.formats import (
     relative_l2,
 )
 from kino_engine.quant.linear import QuantLinear
+from kino_engine.quant.selfcheck import LINEAR_BOUNDS
 
-#: Relative L2 error of the layer's output against the float32 layer, on the inputs below. FP8 e4m3
-#: keeps 3 mantissa bits (~2.4% RMS per element); with both operands quantized the errors add in
-#: quadrature (~3.7%). INT8 per-channel on Gaussian weights is ~0.8%.
-BOUNDS = {"fp8": 0.045, "fp8-weight": 0.03, "int8": 0.01, "int8-dynamic": 0.015}
+#: Relative L2 error of the layer's output against the float32 layer (shared with the GPU self-check).
+#: FP8 e4m3 keeps 3 mantissa bits (~2.4% RMS per element); with both operands quantized the errors add
+#: in quadrature (~3.7%). INT8 per-channel on Gaussian weights is ~0.8%.
+BOUNDS = LINEAR_BOUNDS
 
 
 def _layer(seed: int = 0, k: int = 256, n: int = 192) -> torch.nn.Linear:

@@ -72,7 +72,10 @@ def swap_in_quantized(model: torch.nn.Module, quantized: Mapping[str, str], bias
 
 def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(module_name) if module_name else model), attr
+    try:
+        return (model.get_submodule(module_name) if module_name else model), attr
+    except AttributeError:
+        raise KeyError(f"{name} is not a parameter or buffer of {type(model).__name__}") from None
 
 
 def slot_of(model: torch.nn.Module, name: str) -> torch.Tensor:

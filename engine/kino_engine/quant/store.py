@@ -47,6 +47,7 @@ from .stream import (
     TRANSFORMER,
     WEIGHTS_STEM,
     OnProgress,
+    Progress,
     bad_checkpoint,
     inspect_transformer,
     stream_quantize,
@@ -345,23 +346,23 @@ def load_quantized_transformer(
         swap_in_quantized(model, manifest.modules, _TORCH_DTYPES.get(manifest.dtype, torch.bfloat16))
     except (AttributeError, ValueError) as exc:
         raise bad_checkpoint(f"{where} does not fit {component.folder}/config.json: {exc}") from None
-    total, done = component.weight_bytes, 0
+    progress = Progress(component.weight_bytes, on_progress)
     seen: set[str] = set()
     for record in manifest.files:
-        with safe_open(present[record.name], framework="pt", device=str(device)) as shard:
+        path = present[record.name]
+        with safe_open(path, framework="pt", device=str(device)) as shard:
             for name in shard.keys():
                 tensor = shard.get_tensor(name)
                 expected = manifest.tensors.get(name)
                 if expected is None or expected["dtype"] != _DTYPE_NAMES.get(tensor.dtype) or expected["shape"] != list(tensor.shape):
-                    raise bad_checkpoint(f"{present[record.name]}: tensor {name!r} does not match {where}: {expected}")
+                    raise bad_checkpoint(f"{path}: tensor {name!r} does not match {where}: {expected}")
                 try:
                     assign(model, name, tensor)
                 except (KeyError, ValueError) as exc:
-                    raise bad_checkpoint(f"{present[record.name]}: tensor {name!r}: {exc}") from None
+                    raise bad_checkpoint(f"{path}: tensor {name!r}: {exc}") from None
                 seen.add(name)
-                done += tensor.numel() * tensor.element_size()
-                if on_progress is not None:
-                    on_progress(done, total)
+                progress.tensor(tensor)
+        progress.file(path)
     if seen != set(manifest.tensors):
         raise bad_checkpoint(f"{where} lists {len(set(manifest.tensors) - seen)} tensor(s) no file holds")
     try:

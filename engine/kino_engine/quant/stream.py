@@ -63,6 +63,27 @@ def bad_checkpoint(message: str) -> EngineFailure:
     return EngineFailure("BAD_CHECKPOINT", message, phase="load", field="model.source.path")
 
 
+class Progress:
+    """Reports bytes read: per tensor while a file is read, the file's full size once it is done."""
+
+    def __init__(self, total: int, callback: OnProgress | None):
+        self.total, self.callback = total, callback
+        self.files_done = self.in_file = 0
+
+    def tensor(self, tensor: torch.Tensor) -> None:
+        self.in_file += tensor.numel() * tensor.element_size()
+        self._report(self.files_done + self.in_file)
+
+    def file(self, path: str) -> None:
+        self.files_done += os.path.getsize(path)
+        self.in_file = 0
+        self._report(self.files_done)
+
+    def _report(self, done: int) -> None:
+        if self.callback is not None:
+            self.callback(min(done, self.total), self.total)
+
+
 class Streamed(NamedTuple):
     model: torch.nn.Module
     report: QuantReport
@@ -121,16 +142,15 @@ def stream_quantize(
     plan = _LoadPlan({f"{name}.weight": name for name in selected}, fp32_module_names(model, dtype), dtype)
     bytes_before = unquantized_bytes(model, plan)
     swap_in_quantized(model, {name: mode for name in selected}, dtype)
-    total, done = component.weight_bytes, 0
+    progress = Progress(component.weight_bytes, on_progress)
     for path in component.weight_files:
         with safe_open(path, framework="pt", device="cpu") as shard:
             for name in shard.keys():
                 source = shard.get_tensor(name)
                 _place(model, name, source, plan, mode, device, path)
-                done += source.numel() * source.element_size()
+                progress.tensor(source)
                 del source  # the only reference: freed before the next tensor is read
-                if on_progress is not None:
-                    on_progress(done, total)
+        progress.file(path)
     try:
         model = finish(model, device)
     except ValueError as exc:
@@ -154,6 +174,8 @@ def _place(
             assign(model, f"{linear}.qweight", qweight)
             assign(model, f"{linear}.scale", scale)
         else:
-            assign(model, name, source.to(device=device, dtype=plan.target_dtype(name, source.dtype)))
+            # copy=True: safe_open's CPU tensors are views of the shard's memory map, and one kept
+            # view would keep every page of the shard read so far resident after the shard closes.
+            assign(model, name, source.to(device=device, dtype=plan.target_dtype(name, source.dtype), copy=True))
     except (KeyError, ValueError) as exc:
         raise bad_checkpoint(f"{path}: tensor {name!r}: {exc}") from None
