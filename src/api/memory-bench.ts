@@ -66,7 +66,7 @@ export const MemoryBenchSpec = z.object({
   cases: z.array(MemoryCase),
   /** Budgets the planner refused (INFEASIBLE), with its message: nothing is run for them. */
   infeasible: z.array(z.object({ label: z.string(), message: z.string() })),
-  /** Budgets whose plan is an earlier case's (same placements, decode and CFG) under a larger cap: not run again. */
+  /** Budgets whose plan is an earlier case's (same placements, decode and CFG; another cap): not run again. */
   duplicates: z.array(z.object({ label: z.string(), sameAs: z.string() })),
   provenance: ProvenanceSchema,
 });
@@ -154,8 +154,9 @@ export function memoryBenchSpec(input: MemoryBenchOptions, provenance: Provenanc
       const p = plan(manifest, hardware, request, { vram });
       const memory = memorySpecOf(p);
       const fields = jobFieldsOf(p);
-      // A budget whose plan repeats an earlier case's under a larger cap measures the same run again: skip it.
-      const same = cases.find((c) => samePlan(c, memory, fields) && (c.memory.vramBudget === null || c.memory.vramBudget >= vram));
+      // A budget whose plan repeats an earlier case's measures the same run again (only the cap differs,
+      // and the budgets run smallest first in practice): skip it.
+      const same = cases.find((c) => samePlan(c, memory, fields));
       if (same !== undefined) {
         duplicates.push({ label, sameAs: same.label });
         continue;

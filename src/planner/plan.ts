@@ -97,36 +97,50 @@ export interface Plan {
 }
 
 // ---- calibration constants -------------------------------------------------------------------
+//
+// Fitted per phase to the memory matrix measured on an H100 with kino's engine executing the plans
+// (`kino bench-memory`, docs/benchmarks/*-memory-*.json: 1.3B and 14B at 832×480 and 1280×720, every
+// placement the planner chose under 8–80 GB). Peaks are torch's allocated bytes.
+
+/** Device bytes beyond weights and working set while the text encoder runs (workspaces, embeddings). */
+export const TEXT_OVERHEAD = 0.35 * GiB;
 
 /**
- * Device bytes outside weights and working sets: cuBLAS/cuDNN workspaces, the allocator's slack,
- * latents and prompt embeddings. Fitted to the 1.3B 832×480×81 peak (22.2 GiB, docs/benchmarks.md),
- * which falls in the full VAE decode.
+ * The denoise peak beyond weights, per batch element: bf16 tensors of N × (3.35 d + 1.0 f) (the
+ * residual stream, q/k/v, attention output and norm copies of width d; the FFN's intermediate of
+ * width f), plus 0.4 GiB (latents, embeddings, guidance buffers, workspaces). Solved from the four
+ * batch-2 resident peaks (1.3B and 14B at 480p and 720p); it then predicts the batch-1 (sequential
+ * CFG) peaks of the 14B within 0.25 GiB.
  */
-export const RUNTIME_OVERHEAD = 1.44 * GiB;
-
-/**
- * Live bf16 (N, d) tensors per batch element at the peak of a transformer forward: the residual
- * stream and its fp32 norm copy, q/k/v and the attention output, the FFN's (N, f) intermediate and
- * its GELU. Attention itself (cuDNN / flash) keeps only O(N) statistics. Fitted to the 14B peaks
- * (46.6 GiB at 832×480×81 and 58.1 GiB at 1280×720×81, batched CFG, H100).
- */
-export const ACTIVATION_TENSORS = 13;
+export const ACTIVATION_WIDTHS = { model: 3.35, ffn: 1.0 } as const;
+export const DENOISE_OVERHEAD = 0.4 * GiB;
 
 /** Live bf16 (tokens, d_model) tensors per prompt in the text encoder's forward (an estimate; small). */
 const TEXT_ACTIVATION_TENSORS = 20;
 
-/** The VAE's full decode at 832×480 (kino decodes latent frame by latent frame): 7.3 GiB, 1.83 s on an H100 (TARGETS.md). */
-const VAE_REFERENCE = { pixels: 832 * 480, frames: 81, fullBytes: 7.3 * GiB, fullSeconds: 1.83, gemmFlops: 770e12 };
+/**
+ * The VAE's decode, everything beyond weights, as a line in the output's megapixels per frame (81
+ * frames; kino decodes latent frame by latent frame, so frames barely matter): full decode 8.72 GiB
+ * at 832×480 and 19.72 GiB at 1280×720; time 3.3 s and 7.8 s (float32 VAE, H100).
+ */
+const VAE_FULL = { base: 0.32 * GiB, perMegapixel: 21.04 * GiB, secondsPerMegapixel: 8.3, frames: 81, gemmFlops: 770e12 };
 
 /**
- * Tiled decode: 256 px tiles measured at 3.8 GiB and 2.57× the full decode's time (4.71 s, TARGETS.md);
- * 128 px tiles are an estimate (more overlap recomputed, a smaller working set), not yet measured.
+ * Tiled decode (diffusers' tiling: overlapping tiles, every frame of a tile at once, the output
+ * kept): 256 px tiles measured at 2.21 GiB beyond weights at 832×480 and 4.27 GiB at 1280×720,
+ * 2.0× the full decode's time (2.13× at 480p, 1.73× at 720p). 128 px tiles are an estimate, not
+ * measured: a smaller tile working set, the same kept output, more overlap recomputed.
  */
-export const VAE_TILES: ReadonlyArray<{ readonly tile: number; readonly bytes: number; readonly slowdown: number }> = [
-  { tile: 256, bytes: 3.8 * GiB, slowdown: 4.71 / 1.83 },
-  { tile: 128, bytes: 2.2 * GiB, slowdown: 3.6 },
+export const VAE_TILES: ReadonlyArray<{ readonly tile: number; readonly base: number; readonly perMegapixel: number; readonly slowdown: number }> = [
+  { tile: 256, base: 0.64 * GiB, perMegapixel: 3.94 * GiB, slowdown: 2.0 },
+  { tile: 128, base: 0.35 * GiB, perMegapixel: 3.94 * GiB, slowdown: 3.0 },
 ];
+
+/**
+ * A swapped component's copy onto the device runs tensor by tensor from one pinned buffer: measured
+ * 11.4 GB (UMT5-XXL) in 0.48 s, 24 GB/s, 0.43 of the pinned copy rate.
+ */
+const SWAP_COPY_EFFICIENCY = 0.43;
 
 /** kino's compiled forward over the floor: 1.175× at 1.3B, 1.05× at 14B (docs/benchmarks.md). */
 const FORWARD_OVER_FLOOR = 1.1;
@@ -191,17 +205,20 @@ export function blockFlops(m: ModelManifest, tokens: number): { linear: number; 
 
 /** Device bytes of the transformer's activations at the peak of one forward. */
 export function activationBytes(m: ModelManifest, tokens: number, batch: number): number {
-  return ACTIVATION_TENSORS * tokens * m.transformer.shape.width * 2 * batch;
+  const { width, ffnWidth } = m.transformer.shape;
+  return batch * tokens * 2 * (ACTIVATION_WIDTHS.model * width + ACTIVATION_WIDTHS.ffn * ffnWidth) + DENOISE_OVERHEAD;
 }
 
+/** Device bytes of the VAE's decode beyond its weights. */
 function decodeBytes(r: PlanRequest, decode: VaeDecode): number {
-  if (decode.mode === "full") return (VAE_REFERENCE.fullBytes * r.width * r.height) / VAE_REFERENCE.pixels;
-  return VAE_TILES.find((t) => t.tile === decode.tile)!.bytes;
+  const mpx = (r.width * r.height) / 1e6;
+  if (decode.mode === "full") return VAE_FULL.base + VAE_FULL.perMegapixel * mpx;
+  const tile = VAE_TILES.find((t) => t.tile === decode.tile)!;
+  return tile.base + tile.perMegapixel * mpx;
 }
 
 function decodeSeconds(r: PlanRequest, hw: HardwareProfile, decode: VaeDecode): number {
-  const scale = ((r.width * r.height) / VAE_REFERENCE.pixels) * (r.frames / VAE_REFERENCE.frames);
-  const full = VAE_REFERENCE.fullSeconds * scale * (VAE_REFERENCE.gemmFlops / hw.gemmFlops);
+  const full = VAE_FULL.secondsPerMegapixel * ((r.width * r.height) / 1e6) * (r.frames / VAE_FULL.frames) * (VAE_FULL.gemmFlops / hw.gemmFlops);
   return decode.mode === "full" ? full : full * VAE_TILES.find((t) => t.tile === decode.tile)!.slowdown;
 }
 
@@ -222,14 +239,15 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
       case "cpu":
         return 0;
       case "streamed":
-        return t.restBytes + p.residentBlocks * t.blockBytes + (phase === own ? p.prefetch * t.blockBytes : 0);
+        // The engine holds prefetch + 1 slots (the computing block and those copied ahead), during the phase only.
+        return t.restBytes + p.residentBlocks * t.blockBytes + (phase === own ? (p.prefetch + 1) * t.blockBytes : 0);
     }
   };
   const weights = (phase: PlanPhase) =>
     onDevice(m.textEncoder.bytes, c.textEncoder, "textEncode", phase) +
     onDevice(t.bytes, c.transformer, "denoise", phase) +
     onDevice(m.vae.bytes, c.vae, "decode", phase);
-  const swapIn = (bytes: number, p: Placement) => (p.kind === "swapped" ? bytes / hw.h2d : 0);
+  const swapIn = (bytes: number, p: Placement) => (p.kind === "swapped" ? bytes / (hw.h2d * SWAP_COPY_EFFICIENCY) : 0);
 
   // Text encode.
   const textFlops = 2 * m.textEncoder.computeParams * m.textEncoder.tokens * prompts;
@@ -250,10 +268,10 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
   const denoiseSeconds = r.steps * secondsPerStep + swapIn(t.bytes, c.transformer);
 
   const phases: Record<PlanPhase, PhasePrediction> = {
-    textEncode: { vram: weights("textEncode") + textWorking + RUNTIME_OVERHEAD, seconds: textSeconds },
-    denoise: { vram: weights("denoise") + activationBytes(m, tokens, batch) + RUNTIME_OVERHEAD, seconds: denoiseSeconds },
+    textEncode: { vram: weights("textEncode") + textWorking + TEXT_OVERHEAD, seconds: textSeconds },
+    denoise: { vram: weights("denoise") + activationBytes(m, tokens, batch), seconds: denoiseSeconds },
     decode: {
-      vram: weights("decode") + decodeBytes(r, c.vaeDecode) + RUNTIME_OVERHEAD,
+      vram: weights("decode") + decodeBytes(r, c.vaeDecode),
       seconds: decodeSeconds(r, hw, c.vaeDecode) + swapIn(m.vae.bytes, c.vae),
     },
   };
@@ -274,6 +292,17 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
     blockCompute,
     blockTransfer,
   };
+}
+
+/** The prediction for one given placement (what `plan` computes for each candidate), e.g. to check a measured run. */
+export function predict(
+  m: ModelManifest,
+  hw: HardwareProfile,
+  r: PlanRequest,
+  c: { textEncoder: Placement; transformer: Placement; vae: Placement; cfg: CfgMode; vaeDecode: VaeDecode },
+): { peakVram: number; seconds: number; secondsPerStep: number; pinnedBytes: number; phases: Readonly<Record<PlanPhase, PhasePrediction>> } {
+  const e = evaluate(m, hw, r, c);
+  return { peakVram: e.peakVram, seconds: e.seconds, secondsPerStep: e.secondsPerStep, pinnedBytes: e.pinnedBytes, phases: e.phases };
 }
 
 // ---- the search ------------------------------------------------------------------------------
