@@ -28,7 +28,7 @@ INTERPRETER = Path(__file__).with_name("quant_triton_interpreter.py")
 @pytest.mark.parametrize(("qk", "pv"), list(ATTENTION_BOUNDS))
 def test_error_against_exact_sdpa_is_bounded(qk: str, pv: str, head_dim: int) -> None:
     """Measured (N=300, temperature 2): int8/fp8 1.5%, int8/bf16 0.65%, fp8/fp8 3.0%, fp8/bf16 2.7%."""
-    q, k, v = attention_inputs((2, 3, 300, head_dim), seed=head_dim)
+    q, k, v = attention_inputs((1, 3, 300, head_dim), seed=head_dim)
     exact = F.scaled_dot_product_attention(q, k, v)
     out = sdpa_lowbit(q, k, v, qk, pv)  # type: ignore[arg-type]
     assert out.shape == exact.shape and out.dtype == q.dtype

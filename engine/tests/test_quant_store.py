@@ -159,3 +159,26 @@ def test_damaged_folders_are_refused(source: Path, tmp_path: Path) -> None:
     _expect_bad(folder, "not valid JSON")
     with pytest.raises(EngineFailure, match="missing: not a kino-quantized"):
         read_manifest(str(source))
+
+
+def test_the_tools_write_random_quantize_and_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The command lines the GPU measurement uses: write-random -> quantize -> measure-load."""
+    from kino_engine.quant.__main__ import main
+    from quant_helpers import QUANT_TINY
+
+    def run(*argv: str) -> dict:
+        status = main(list(argv))
+        answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert status == 0 and answer["ok"], answer
+        return answer["result"]
+
+    config = json.dumps({"_class_name": "WanTransformer3DModel", **QUANT_TINY})
+    written = run("write-random", str(tmp_path / "src"), "--config", config, "--shard-gib", "0.0003")
+    assert len(written["files"]) >= 2
+    quantized = run("quantize", str(tmp_path / "src"), str(tmp_path / "q"), "--mode", "fp8-weight", "--shard-gib", "0.0002")
+    assert quantized["modules"] == 20 and len(quantized["files"]) >= 2
+    loaded = run("measure-load", str(tmp_path / "q"))
+    assert loaded["how"] == "load_quantized_transformer" and loaded["checkpointBytes"] == quantized["bytes"]
+    status = main(["quantize", str(tmp_path / "src"), str(tmp_path / "q"), "--mode", "fp8"])
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 1 and answer["error"]["code"] == "OUTPUT_UNWRITABLE" and "does not overwrite" in answer["error"]["message"]

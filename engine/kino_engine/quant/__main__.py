@@ -3,6 +3,10 @@
   quantize SRC DST --mode MODE [--device cpu|cuda] [--dtype bfloat16] [--shard-gib 2] [--no-hash]
       Write kino's pre-quantized checkpoint of SRC (a diffusers pipeline folder, or its transformer
       folder) at DST (which must not exist), streaming the transformer through `device`.
+  write-random DST --config JSON|FILE [--device cpu|cuda] [--dtype bfloat16] [--shard-gib 5] [--seed 0]
+      Write a transformer folder with random weights ~ N(0, 0.02) for a diffusers transformer config
+      (e.g. Wan 2.1 14B's, as src/catalog/wan21.ts defines it), sharded as diffusers shards: a source
+      for measure-load where no real checkpoint is at hand (timings and memory do not depend on values).
   measure-load SRC --mode MODE [--device cpu|cuda]
       Load SRC the way the engine would (a kino-quantized folder: load_quantized_transformer; a
       bf16/fp32 one: stream_quantize to MODE) and report the peak host RSS during the load against
@@ -15,6 +19,7 @@ The last stdout line is one JSON object, {"ok": true, "result": ...} or {"ok": f
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -22,30 +27,39 @@ from typing import Any, Sequence
 
 import torch
 
+from ..protocol import EngineFailure
+from ..random_weights import build_random
 from ..runtime.memory import module_bytes
 from ..system import resolve_device, torch_dtype
 from ..tool_answer import answer
 from .formats import MODES
 from .peak import measure_peak_rss
-from .skeleton import empty_model
-from .store import DEFAULT_SHARD_BYTES, is_quantized, load_quantized_transformer, quantize_checkpoint
+from .skeleton import empty_model, model_class
+from .store import DEFAULT_SHARD_BYTES, is_quantized, load_quantized_transformer, quantize_checkpoint, staged_folder
 from .stream import inspect_transformer, stream_quantize
 
 #: The memory claim the streaming loaders are held to: peak host RSS growth during a load.
 RAM_FACTOR = 1.2
 
 
+def _unwritable(error: OSError) -> EngineFailure:
+    return EngineFailure("OUTPUT_UNWRITABLE", str(error))
+
+
 def quantize(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
-    manifest = quantize_checkpoint(
-        args.src,
-        args.dst,
-        args.mode,
-        resolve_device(args.device),
-        dtype=torch_dtype(args.dtype),
-        max_shard_bytes=int(args.shard_gib * 2**30),
-        hash_source=not args.no_hash,
-    )
+    try:
+        manifest = quantize_checkpoint(
+            args.src,
+            args.dst,
+            args.mode,
+            resolve_device(args.device),
+            dtype=torch_dtype(args.dtype),
+            max_shard_bytes=int(args.shard_gib * 2**30),
+            hash_source=not args.no_hash,
+        )
+    except (FileExistsError, PermissionError) as error:
+        raise _unwritable(error) from None
     return {
         "path": os.path.abspath(args.dst),
         "mode": manifest.mode,
@@ -56,13 +70,38 @@ def quantize(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def write_random(args: argparse.Namespace) -> dict[str, Any]:
+    text = args.config if args.config.lstrip().startswith("{") else open(args.config, encoding="utf-8").read()
+    config = json.loads(text)
+    cls = model_class(config)
+    model = build_random(
+        lambda: cls.from_config(config), device=resolve_device(args.device), dtype=torch_dtype(args.dtype), seed=args.seed
+    )
+    model = model.to("cpu")  # diffusers writes shard by shard from host tensors
+    try:
+        with staged_folder(args.dst) as staging:
+            model.save_pretrained(staging, max_shard_size=f"{int(args.shard_gib * 1024)}MB", safe_serialization=True)
+    except (FileExistsError, PermissionError) as error:
+        raise _unwritable(error) from None
+    files = sorted(f for f in os.listdir(args.dst) if f.endswith(".safetensors"))
+    return {
+        "path": os.path.abspath(args.dst),
+        "files": files,
+        "bytes": sum(os.path.getsize(os.path.join(args.dst, f)) for f in files),
+    }
+
+
 def measure_load(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     component = inspect_transformer(args.src)
     largest_shard = max(os.path.getsize(p) for p in component.weight_files)
     # Warm-up outside the measurement: the first skeleton imports the model class's modules (tens of
-    # MB of code and tables, paid once per process, not per load).
+    # MB of code and tables), and the first CUDA call creates the context (hundreds of MB of host
+    # memory): both are paid once per process, not per load.
     empty_model(component.config)
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     if is_quantized(args.src):
         model, peak = measure_peak_rss(lambda: load_quantized_transformer(args.src, device))
@@ -101,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     q.add_argument("--shard-gib", type=float, default=DEFAULT_SHARD_BYTES / 2**30)
     q.add_argument("--no-hash", action="store_true", help="do not hash the source files into the manifest")
+    r = commands.add_parser("write-random", help="a random-weight transformer checkpoint for a config")
+    r.add_argument("dst")
+    r.add_argument("--config", required=True, help="a diffusers transformer config: inline JSON or a file")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    r.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    r.add_argument("--shard-gib", type=float, default=5.0)
+    r.add_argument("--seed", type=int, default=0)
     m = commands.add_parser("measure-load", help="peak host RAM of a streamed or pre-quantized load")
     m.add_argument("src")
     m.add_argument("--mode", choices=MODES, default="fp8")
@@ -112,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "quantize":
         return answer(lambda: quantize(args))
+    if args.command == "write-random":
+        return answer(lambda: write_random(args))
     outcome: dict[str, Any] = {}
 
     def work() -> dict[str, Any]:

@@ -13,6 +13,7 @@ by benchmarks). Needs CUDA; bounds are the ones the CPU tests use (LINEAR_BOUNDS
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -89,6 +90,15 @@ def _check(entry: dict[str, Any], error: float, bound: float) -> dict[str, Any]:
     return entry
 
 
+def _failed(entry: dict[str, Any], error: BaseException) -> dict[str, Any]:
+    entry.update({"ok": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"})
+    return entry
+
+
+def _variants(fn: Callable[..., Any], compile_: bool) -> list[tuple[str, Callable[..., Any]]]:
+    return [("eager", fn)] + ([("compiled", torch.compile(fn, fullgraph=True, dynamic=False))] if compile_ else [])
+
+
 def check_gemms(
     device: torch.device, tokens: int, repeats: int, compile_: bool, dim: int = WAN14B_DIM, ffn: int = WAN14B_FFN
 ) -> list[dict[str, Any]]:
@@ -106,19 +116,17 @@ def check_gemms(
             base = time_ms(lambda: linear(x), repeats)
             out.append({"gemm": [tokens, dim, n], "mode": "bf16", **base, "tflops": flops / base["ms"] / 1e9})
             for mode in MODES:
-                layer = QuantLinear.from_linear(linear, mode)
-                error = relative_l2_chunked(layer(x), exact)
-                variants = [("eager", layer)]
-                if compile_:
-                    variants.append(("compiled", torch.compile(layer, fullgraph=True, dynamic=False)))
-                for how, fn in variants:
-                    timing = time_ms(lambda: fn(x), repeats)
-                    entry = {
-                        "gemm": [tokens, dim, n], "mode": mode, "how": how,
-                        "kernel": "scaled_mm" if layer.use_scaled_mm else "torch", **timing,
-                        "tflops": flops / timing["ms"] / 1e9, "speedup": base["ms"] / timing["ms"],
-                    }
-                    out.append(_check(entry, error, LINEAR_BOUNDS[mode] + 0.005))
+                entry: dict[str, Any] = {"gemm": [tokens, dim, n], "mode": mode}
+                try:  # a self-check reports every failure rather than stopping at the first
+                    layer = QuantLinear.from_linear(linear, mode)
+                    entry["kernel"] = "scaled_mm" if layer.use_scaled_mm else "torch"
+                    error = relative_l2_chunked(layer(x), exact)
+                    for how, fn in _variants(layer, compile_):
+                        timing = time_ms(lambda: fn(x), repeats)
+                        timed = {**entry, "how": how, **timing, "tflops": flops / timing["ms"] / 1e9, "speedup": base["ms"] / timing["ms"]}
+                        out.append(_check(timed, error, LINEAR_BOUNDS[mode] + 0.005))
+                except Exception as failure:  # noqa: BLE001
+                    out.append(_failed(entry, failure))
             del exact
     return out
 
@@ -135,13 +143,17 @@ def cross_check_scaled_mm(
         linear.weight.mul_(torch.exp(torch.randn(ffn, 1, generator=generator, device=device)).bfloat16())
     x = torch.randn(rows, dim, generator=generator, device=device, dtype=torch.bfloat16)
     x = x * torch.exp(torch.randn(rows, 1, generator=generator, device=device)).bfloat16()
-    layer = QuantLinear.from_linear(linear, "fp8")
-    entry: dict[str, Any] = {"check": "scaled_mm vs fp8 emulation", "kernel": "scaled_mm" if layer.use_scaled_mm else "torch"}
-    with torch.inference_mode():
-        fast = layer(x)
-        layer.use_scaled_mm = False
-        emulated = layer(x)
-    return _check(entry, relative_l2_chunked(fast, emulated), CROSS_CHECK_BOUND)
+    entry: dict[str, Any] = {"check": "scaled_mm vs fp8 emulation"}
+    try:
+        layer = QuantLinear.from_linear(linear, "fp8")
+        entry["kernel"] = "scaled_mm" if layer.use_scaled_mm else "torch"
+        with torch.inference_mode():
+            fast = layer(x)
+            layer.use_scaled_mm = False
+            emulated = layer(x)
+        return _check(entry, relative_l2_chunked(fast, emulated), CROSS_CHECK_BOUND)
+    except Exception as failure:  # noqa: BLE001
+        return _failed(entry, failure)
 
 
 def check_attention(
@@ -167,20 +179,19 @@ def check_attention(
         except RuntimeError as error:
             out.append({"attention": list(shape), "variant": "exact bf16 cuDNN", "error": str(error)[:200]})
         for (qk, pv), bound in ATTENTION_BOUNDS.items():
-            eager = lambda: sdpa_lowbit(q, k, v, qk, pv)  # noqa: E731
-            error = relative_l2_chunked(eager(), exact)
-            variants: list[tuple[str, Callable[[], Any]]] = [("eager", eager)]
-            if compile_:
-                compiled = torch.compile(lambda a, b, c: sdpa_lowbit(a, b, c, qk, pv), fullgraph=True, dynamic=False)
-                variants.append(("compiled", lambda: compiled(q, k, v)))
-            for how, fn in variants:
-                timing = time_ms(fn, repeats)
-                entry = {
-                    "attention": list(shape), "qk": qk, "pv": pv, "how": how,
-                    "kernel": "triton" if kernel_supported(device) else "torch emulation", **timing,
-                    "tflops": flops / timing["ms"] / 1e9, "speedup": base["ms"] / timing["ms"],
-                }
-                out.append(_check(entry, error, bound))
+            entry: dict[str, Any] = {
+                "attention": list(shape), "qk": qk, "pv": pv,
+                "kernel": "triton" if kernel_supported(device) else "torch emulation",
+            }
+            try:
+                lowbit = functools.partial(sdpa_lowbit, qk=qk, pv=pv)
+                error = relative_l2_chunked(lowbit(q, k, v), exact)
+                for how, fn in _variants(lowbit, compile_):
+                    timing = time_ms(lambda: fn(q, k, v), repeats)
+                    timed = {**entry, "how": how, **timing, "tflops": flops / timing["ms"] / 1e9, "speedup": base["ms"] / timing["ms"]}
+                    out.append(_check(timed, error, bound))
+            except Exception as failure:  # noqa: BLE001
+                out.append(_failed(entry, failure))
     return out
 
 
@@ -190,12 +201,15 @@ def cross_check_attention(device: torch.device) -> list[dict[str, Any]]:
     for head_dim in (64, 128):
         q, k, v = attention_inputs((2, 3, 1000, head_dim), seed=3, device=device, dtype=torch.bfloat16)
         for qk, pv in ATTENTION_BOUNDS:
-            x = quantize_attention_inputs(q, k, v, qk, pv)  # type: ignore[arg-type]
-            with torch.inference_mode():
-                kernel = attention_triton(x)
-                emulated = attention_emulated(x)
-            entry = {"check": "triton vs emulation", "d": head_dim, "qk": qk, "pv": pv}
-            out.append(_check(entry, relative_l2_chunked(kernel, emulated), CROSS_CHECK_BOUND))
+            entry: dict[str, Any] = {"check": "triton vs emulation", "d": head_dim, "qk": qk, "pv": pv}
+            try:
+                x = quantize_attention_inputs(q, k, v, qk, pv)  # type: ignore[arg-type]
+                with torch.inference_mode():
+                    kernel = attention_triton(x)
+                    emulated = attention_emulated(x)
+                out.append(_check(entry, relative_l2_chunked(kernel, emulated), CROSS_CHECK_BOUND))
+            except Exception as failure:  # noqa: BLE001
+                out.append(_failed(entry, failure))
     return out
 
 
