@@ -146,3 +146,12 @@ def test_from_linear_keeps_the_bias_and_shapes() -> None:
     assert set(QuantLinear.from_linear(layer, "int8").state_dict()) == {"qweight", "scale", "bias"}
     with pytest.raises(ValueError, match="unknown quantization mode"):
         QuantLinear.from_linear(layer, "fp4")
+
+
+def test_int8_dynamic_layers_off_the_int_mm_grid_are_exact_too() -> None:
+    layer = _layer(k=60, n=36)  # not multiples of 8: _int_mm refuses these shapes on CUDA
+    x = _activations(k=60).reshape(-1, 60)
+    quantized = QuantLinear.from_linear(layer, "int8-dynamic")
+    xq, x_scale = quantize_rows_int8(x)
+    expected = (xq.long() @ quantized.qweight.long().t()).double() * x_scale.double() * quantized.scale.double()
+    assert relative_l2(quantized(x), expected + layer.bias.double()) < 1e-6

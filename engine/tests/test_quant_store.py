@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import WanTransformer3DModel
 from safetensors import safe_open
 
 from kino_engine.checkpoint import inspect_checkpoint
@@ -19,7 +20,9 @@ from kino_engine.quant import (
     is_quantized,
     load_quantized_transformer,
     quantize_checkpoint,
+    quantize_module,
     read_manifest,
+    save_quantized,
     stream_quantize,
 )
 from kino_engine.quant import store
@@ -64,6 +67,19 @@ def test_save_load_round_trip_is_bit_identical(source: Path, tmp_path: Path, mod
     assert torch.equal(forward(loaded, tiny_inputs()), forward(expected, tiny_inputs())), "outputs must be identical"
     assert sum(isinstance(m, QuantLinear) and m.mode == mode for m in loaded.modules()) == len(manifest.modules)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_model_quantized_in_memory_saves_and_loads_back(source: Path, tmp_path: Path) -> None:
+    model = WanTransformer3DModel.from_pretrained(str(source), dtype=torch.bfloat16).eval()
+    quantize_module(model, "int8-dynamic")
+    manifest = save_quantized(model, str(tmp_path / "saved"), max_shard_bytes=300_000)
+    assert manifest.mode == "int8-dynamic" and manifest.dtype == "bfloat16" and len(manifest.files) >= 2
+    loaded = load_quantized_transformer(str(tmp_path / "saved"), "cpu", verify=True)
+    assert_same_state(loaded, model, "save_quantized -> load_quantized_transformer")
+    assert torch.equal(forward(loaded, tiny_inputs()), forward(model, tiny_inputs()))
+    with pytest.raises(ValueError, match="exactly one mode"):
+        save_quantized(WanTransformer3DModel.from_pretrained(str(source)), str(tmp_path / "plain"))
+    assert not (tmp_path / "plain").exists()
 
 
 def test_manifest_records_what_a_loader_and_an_auditor_need(source: Path, tmp_path: Path) -> None:

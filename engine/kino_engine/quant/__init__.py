@@ -8,7 +8,7 @@ from .formats import MODES, QuantMode
 from .linear import QuantLinear
 from .peak import PeakRss, measure_peak_rss
 from .policy import WAN_T2V_POLICY, QuantPolicy, policy_for
-from .store import is_quantized, load_quantized_transformer, quantize_checkpoint, read_manifest
+from .store import is_quantized, load_quantized_transformer, quantize_checkpoint, read_manifest, save_quantized
 from .stream import stream_quantize
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "quantize_checkpoint",
     "quantize_module",
     "read_manifest",
+    "save_quantized",
     "sdpa_lowbit",
     "stream_quantize",
     "uninstall_lowbit_attention",

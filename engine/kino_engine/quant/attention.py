@@ -32,6 +32,7 @@ This module knows nothing about the denoising loop or which backend a plan asked
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -64,8 +65,8 @@ class LowbitInputs:
     k: torch.Tensor  # (B, H, Np, D) like q, K smoothed
     k_scale: torch.Tensor  # (B, H, Np) f32
     v: torch.Tensor  # fp8: (B, H, D, Np) e4m3 (V^T, smoothed); bf16: (B, H, Np, D) in the value dtype
-    v_scale: torch.Tensor  # fp8: (B, H, D) f32, per-channel scale / P_SCALE; bf16: (0,)
-    v_mean: torch.Tensor  # fp8: (B, H, D) f32; bf16: (0,)
+    v_scale: torch.Tensor  # fp8: (B, H, D) f32, per-channel scale / P_SCALE; bf16: (1,) unused
+    v_mean: torch.Tensor  # fp8: (B, H, D) f32; bf16: (1,) unused
     n_ctx: int
     out_dtype: torch.dtype
 
@@ -89,6 +90,8 @@ def quantize_attention_inputs(
         raise ValueError(f"sdpa_lowbit: head dim {d} is not one of {HEAD_DIMS}")
     if qk not in _QK_QUANTIZERS:
         raise ValueError(f"sdpa_lowbit: qk must be 'int8' or 'fp8', got {qk!r}")
+    if pv not in ("fp8", "bf16"):
+        raise ValueError(f"sdpa_lowbit: pv must be 'fp8' or 'bf16', got {pv!r}")
     n_pad = -(-n // PAD_TOKENS) * PAD_TOKENS
     k_smooth = k.float() - k.float().mean(dim=2, keepdim=True)  # (B, H, N, D)
     q8, q_scale = _QK_QUANTIZERS[qk](_pad_tokens(q, n_pad))  # (B, H, Np, D), (B, H, Np, 1)
@@ -100,12 +103,11 @@ def quantize_attention_inputs(
         v8, v_scale = quantize_rows_fp8(v_t)  # (B, H, D, N), (B, H, D, 1)
         v_out = F.pad(v8.view(torch.uint8), (0, n_pad - n)).view(FP8_DTYPE).contiguous()  # (B, H, D, Np)
         v_scale, v_mean = v_scale.squeeze(-1) / P_SCALE, v_mean.squeeze(2)
-    elif pv == "bf16":
+    else:
         dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         v_out = _pad_tokens(v.to(dtype), n_pad)
-        v_scale = v_mean = torch.empty(0, device=q.device)
-    else:
-        raise ValueError(f"sdpa_lowbit: pv must be 'fp8' or 'bf16', got {pv!r}")
+        # Unused by the kernel, but a real allocation: Triton refuses null pointers as arguments.
+        v_scale = v_mean = torch.zeros(1, device=q.device)
     return LowbitInputs(q8, q_scale.contiguous(), k8, k_scale.squeeze(-1).contiguous(), v_out, v_scale, v_mean, n, q.dtype)
 
 
@@ -161,14 +163,17 @@ def attention_triton(x: LowbitInputs, block: tuple[int, int, int, int] | None = 
     out = torch.empty((b, h, x.n_ctx, d), dtype=x.out_dtype, device=x.q.device)
     args = (x.q, x.q_scale, x.k, x.k_scale, x.v, x.v_scale, x.v_mean, out, x.n_ctx, n_pad)
     flags = {"HEAD_DIM": d, "PV_FP8": x.v.dtype == FP8_DTYPE, "QK_INT8": x.q.dtype == torch.int8}
-    if block is None:
-        grid = lambda meta: (-(-x.n_ctx // meta["BLOCK_M"]), b * h)  # noqa: E731
-        lowbit_attention_tuned[grid](*args, **flags)
-    else:
-        block_m, block_n, warps, stages = block
-        lowbit_attention_kernel[(-(-x.n_ctx // block_m), b * h)](
-            *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages
-        )
+    # Triton launches on the current device: make it the tensors' (a no-op on the CPU interpreter).
+    guard = torch.cuda.device(x.q.device) if x.q.is_cuda else contextlib.nullcontext()
+    with guard:
+        if block is None:
+            grid = lambda meta: (-(-x.n_ctx // meta["BLOCK_M"]), b * h)  # noqa: E731
+            lowbit_attention_tuned[grid](*args, **flags)
+        else:
+            block_m, block_n, warps, stages = block
+            lowbit_attention_kernel[(-(-x.n_ctx // block_m), b * h)](
+                *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages
+            )
     return out
 
 

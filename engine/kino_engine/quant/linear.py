@@ -8,14 +8,17 @@ Kernels, chosen from the device and the operands' dtypes, never from tensor valu
 
   fp8           CUDA sm89+ with bf16 activations and K, N multiples of 16: torch._scaled_mm with
                 row-wise scales (scale_a (M, 1), scale_b (1, N), bf16 out, bias fused). Elsewhere an
-                emulation of the same math: the same per-token FP8 activations, the FP8 values
-                (exact in bf16/fp32) multiplied in the activation dtype, both scales applied in float32.
-                So CPU tests check the real numerics; only the summation order differs.
+                emulation of the same math: the same per-token FP8 activations, the FP8 values (exact
+                in bf16 and fp32, and so are their products) multiplied by a matmul in the activation
+                dtype (float32 accumulation), both scales applied in float32 after. So CPU tests check
+                the real numerics; besides the summation order, bf16 activations add one rounding of
+                the sum to bf16 before the scales (a 2**-9 relative step, far below FP8's 2**-4).
   fp8-weight    the weight dequantized (float32 product, one rounding) to the activation dtype, F.linear.
   int8          the same as fp8-weight with an int8 weight.
   int8-dynamic  torch._int_mm (exact int32 accumulation; CPU and CUDA) of per-token int8 activations and
-                the int8 weight, scales applied in float32. CUDA's _int_mm wants M > 16: smaller inputs
-                are zero-padded (a shape decision, fixed per compiled graph).
+                the int8 weight, scales applied in float32. CUDA's _int_mm wants M > 16 (smaller inputs
+                are zero-padded: a shape decision, fixed per compiled graph) and K, N multiples of 8
+                (other layers multiply in float64, which is exact too: every sum stays below 2**53).
 
 Whether the device can run _scaled_mm is decided when the module is built or moved (`_apply`), and
 kept as a plain bool, so forward has no Python branch on tensor values and no host sync. `.to(dtype)`
@@ -191,8 +194,11 @@ class QuantLinear(torch.nn.Module):
 
     def _int8_dynamic(self, x: torch.Tensor) -> torch.Tensor:
         xq, x_scale = quantize_rows_int8(x)  # (M, K) int8, (M, 1) float32
-        rows = xq.shape[0]
-        if xq.is_cuda and rows <= _INT_MM_MIN_ROWS:
-            xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_ROWS + 1 - rows))
-        acc = torch._int_mm(xq, self.qweight.t())[:rows]  # (M, N) int32, exact
+        if self.in_features % 8 or self.out_features % 8:
+            acc = xq.double() @ self.qweight.double().t()  # (M, N), exact
+        else:
+            rows = xq.shape[0]
+            if xq.is_cuda and rows <= _INT_MM_MIN_ROWS:
+                xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_ROWS + 1 - rows))
+            acc = torch._int_mm(xq, self.qweight.t())[:rows]  # (M, N) int32, exact
         return self._epilogue(acc, x_scale, x.dtype)

@@ -253,6 +253,31 @@ def write_quantized(
     return manifest
 
 
+def save_quantized(
+    model: torch.nn.Module,
+    folder: str,
+    *,
+    policy: QuantPolicy | None = None,
+    source: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> QuantManifest:
+    """Write a model quantized in memory (quantize_module or stream_quantize) as a transformer folder
+    at `folder` (which must not exist), all-or-nothing. The mode is its QuantLinears' (one mode only)."""
+    modes = {m.mode for m in model.modules() if isinstance(m, QuantLinear)}
+    if len(modes) != 1:
+        raise ValueError(f"the model must hold QuantLinears of exactly one mode, found {sorted(modes) or 'none'}")
+    with staged_folder(folder) as staging:
+        return write_quantized(
+            model,
+            staging,
+            mode=modes.pop(),
+            dtype=model.dtype,  # type: ignore[arg-type]  # diffusers' ModelMixin.dtype
+            policy=policy or policy_for(model),
+            source=source or {},
+            max_shard_bytes=max_shard_bytes,
+        )
+
+
 def _write_json(path: str, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True)
