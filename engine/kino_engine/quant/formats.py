@@ -87,5 +87,5 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
 
 def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (a measurement, so a host read is fine here)."""
-    expected64 = expected.double()
-    return float((actual.double() - expected64).norm() / expected64.norm().clamp(min=1e-300))
+    expected64 = expected.detach().double()
+    return float((actual.detach().double() - expected64).norm() / expected64.norm().clamp(min=1e-300))
