@@ -39,6 +39,12 @@ export const GenerateOptions = z.object({
   dtype: z.enum(["bf16", "fp16", "fp32"]).optional(),
   /** Regional torch.compile of the transformer blocks: slower first job, faster steps (kept on disk). @default false */
   compile: z.boolean().default(false),
+  /** VRAM budget such as "12GB" (GiB): the planner keeps the run under it (enforced in the engine). @default the GPU's free VRAM */
+  vram: z.string().optional(),
+  /** Host RAM budget such as "32GB". @default the machine's */
+  ram: z.string().optional(),
+  /** A memory-level preset 0..3, or "auto" (the planner chooses). @default "auto" */
+  memoryLevel: z.string().optional(),
   /** Build the catalog model's architecture with random weights (timings only). @default false */
   randomWeights: z.boolean().default(false),
   /** The MP4 to write. */

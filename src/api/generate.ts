@@ -21,6 +21,12 @@ import { findCatalogModel, WAN21_1_3B_ID, WAN21_SHAPE } from "../catalog/models.
 import type { EngineClient, EngineFactory } from "../engine/client.ts";
 import { KinoError, toKinoError } from "../errors.ts";
 import type { Device, DeviceInfo, DType, EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../protocol/engine.ts";
+import { jobFieldsOf, memorySpecOf } from "../planner/execute.ts";
+import { H100_80GB, type HardwareProfile } from "../planner/hardware.ts";
+import { corrections, PeakLog, peakRecords } from "../planner/learn.ts";
+import { modelManifest } from "../planner/manifest.ts";
+import { DEFAULT_MARGIN, describeDecode, describePlacement, plan, type Plan } from "../planner/plan.ts";
+import { parseByteSize, parseMemoryLevel } from "./plan.ts";
 import {
   checkNumbers,
   checkOutputs,
@@ -73,6 +79,8 @@ export interface GenerateOutcome {
   readonly job: JobSpec;
   readonly load: LoadResult;
   readonly result: GenerateResult;
+  /** The memory plan the run executed (null on CPU and for models without a full-size architecture). */
+  readonly plan: Plan | null;
   /** Wall time of the whole call, engine start included. */
   readonly wallMs: number;
 }
@@ -98,6 +106,10 @@ export async function prepareGenerate(input: GenerateOptions, deps: Pick<Generat
   }
   const model =
     ref.kind === "auto" ? null : await resolveModel(ref, { modelsDir: deps.config.modelsDir, randomWeights: options.randomWeights });
+  // Budget flags are checked now (their meaning on this machine waits for the engine's hello).
+  if (options.vram !== undefined) parseByteSize(options.vram, "vram");
+  if (options.ram !== undefined) parseByteSize(options.ram, "ram");
+  parseMemoryLevel(options.memoryLevel);
   const outputs = await checkOutputs(options, deps.cwd);
   return { options, ref, model, outputs };
 }
@@ -117,15 +129,14 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
     const { options } = prepared;
     if (model.tiny) notice(`${model.name} is kino's tiny model with random weights: the video is noise (it tests the pipeline)`);
     if (model.randomWeights) notice(`${model.name} with random weights: for timings only, the video is noise`);
-    if (model.needsMakeTiny && model.path !== null) await makeTinyOnce(model.path, deps, notice, signal);
 
     const { device, dtype, reason } = choosePlacement(options, hello.devices);
     if (reason !== null) notice(reason);
     const seed = options.seed ?? randomInt(0, 2 ** 32);
     if (options.seed === undefined) notice(`seed ${seed} (chosen at random; pass --seed ${seed} to repeat)`);
 
-    const job = buildJob(options, model, prepared.outputs, seed);
-    const spec: ModelSpec = {
+    const baseJob = buildJob(options, model, prepared.outputs, seed);
+    const baseSpec: ModelSpec = {
       name: model.name,
       source: modelSource(model, seed),
       device,
@@ -133,10 +144,37 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
       // Compiling pays off on long or repeated jobs (a persistent engine); a one-shot CLI run asks for it.
       runtime: { cfg: "auto", attention: "auto", compile: options.compile, cacheDir: join(deps.config.cache, "runtime") },
     };
+    // A per-machine measurement: it lives in kino's home, beside the models (not in the shared download cache).
+    const peaks = new PeakLog(join(deps.config.home, "planner", "peaks.jsonl"));
+    const planned = await planRun(options, model, baseJob, device, hello, peaks, DEFAULT_MARGIN);
+    if (planned !== null) notice(describeRun(planned));
+    if (model.needsMakeTiny && model.path !== null) await makeTinyOnce(model.path, deps, notice, signal);
+    let job = planned === null ? baseJob : { ...baseJob, ...jobFieldsOf(planned) };
+    let spec = planned === null ? baseSpec : { ...baseSpec, memory: memorySpecOf(planned) };
     throwIfCancelled(signal);
-    const load = await cancellableLoad(engine, spec, hooks);
+    let load = await cancellableLoad(engine, spec, hooks);
     throwIfCancelled(signal);
-    const result = await engine.generate(job, { onEvent: hooks.onEvent, signal });
+    let result: GenerateResult;
+    let plan = planned;
+    try {
+      result = await engine.generate(job, { onEvent: hooks.onEvent, signal });
+    } catch (err) {
+      // Out of memory with a plan: the engine freed what it could; retry once with a safer plan
+      // (a quarter of the budget kept free instead of a tenth), and say why.
+      if (plan === null || toKinoError(err).code !== "OOM") throw err;
+      const safer = await planRun(options, model, baseJob, device, hello, peaks, OOM_RETRY_MARGIN);
+      if (safer === null) throw err;
+      notice(`out of memory during ${toKinoError(err).phase ?? "the run"}; retrying once with a safer plan (${Math.round(OOM_RETRY_MARGIN * 100)}% of the budget kept free): ${describeRun(safer)}`);
+      plan = safer;
+      job = { ...baseJob, ...jobFieldsOf(safer) };
+      spec = { ...baseSpec, memory: memorySpecOf(safer) };
+      load = await cancellableLoad(engine, spec, hooks);
+      result = await engine.generate(job, { onEvent: hooks.onEvent, signal });
+    }
+    if (plan !== null && result.phasePeakVramBytes != null) {
+      // What this run measured corrects the next plans for this model on this GPU (planner/learn.ts).
+      await peaks.append(peakRecords(plan, result.phasePeakVramBytes)).catch((e: Error) => notice(`could not record the measured peaks: ${e.message}`));
+    }
     return {
       model: {
         name: model.name,
@@ -151,6 +189,7 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
       job,
       load,
       result,
+      plan,
       wallMs: performance.now() - started,
     };
   } catch (err) {
@@ -160,6 +199,67 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
   } finally {
     await engine.close();
   }
+}
+
+/** The margin of the retry after an out-of-memory error (the first plan keeps DEFAULT_MARGIN free). */
+export const OOM_RETRY_MARGIN = 0.25;
+
+/**
+ * The memory plan for a run on the GPU, or null where there is nothing to plan (CPU, or a model
+ * without a full-size architecture, e.g. the tiny one). The profile is the H100 preset's rates with
+ * the VRAM and RAM the engine reported; the learned corrections for this model and GPU apply.
+ * @throws KinoError INFEASIBLE naming the smallest budget, INVALID_ARGUMENT for a bad budget flag.
+ */
+export async function planRun(
+  options: ParsedGenerateOptions,
+  model: ResolvedModel,
+  job: JobSpec,
+  device: Device,
+  hello: HelloResult,
+  peaks: PeakLog,
+  margin: number,
+): Promise<Plan | null> {
+  const architecture = model.id === null ? null : (findCatalogModel(model.id)?.architecture ?? null);
+  const gpu = hello.devices[0];
+  if (device !== "cuda" || gpu === undefined || architecture === null) {
+    if (options.vram !== undefined || options.memoryLevel !== undefined) {
+      throw new KinoError(
+        "INVALID_ARGUMENT",
+        device !== "cuda" || gpu === undefined
+          ? "--vram and --memory-level plan GPU memory; this run is on the CPU"
+          : `${model.name} has no full-size architecture to plan (budgets apply to wan2.1-t2v-1.3b and wan2.1-t2v-14b)`,
+        { field: options.vram !== undefined ? "vram" : "memoryLevel" },
+      );
+    }
+    return null;
+  }
+  const manifest = modelManifest(model.id!, architecture);
+  const hardware: HardwareProfile = {
+    ...H100_80GB,
+    name: gpu.name,
+    vramTotal: gpu.totalBytes,
+    vramFree: gpu.freeBytes,
+    hostRam: hello.hostRamBytes,
+    pinnedLimit: hello.hostRamBytes / 2,
+  };
+  const records = await peaks.read().catch(() => []);
+  const budget = {
+    vram: options.vram === undefined ? undefined : parseByteSize(options.vram, "vram"),
+    ram: options.ram === undefined ? undefined : parseByteSize(options.ram, "ram"),
+    memoryLevel: parseMemoryLevel(options.memoryLevel),
+    margin,
+    corrections: corrections(records, manifest.id, hardware.name),
+  };
+  return plan(manifest, hardware, { width: job.width, height: job.height, frames: job.frames, steps: job.steps, guidance: job.guidance }, budget);
+}
+
+function describeRun(p: Plan): string {
+  const gib = (b: number) => `${(b / 2 ** 30).toFixed(1)} GiB`;
+  const t = p.placement;
+  return (
+    `plan: text encoder ${describePlacement(t.textEncoder)}, transformer ${describePlacement(t.transformer)}, VAE ${describePlacement(t.vae)}, ` +
+    `decode ${describeDecode(p.vaeDecode)}, CFG ${p.cfg}; predicted peak ${gib(p.predicted.peakVram)} of ${gib(p.budget.vram)}, ${p.predicted.secondsPerStep.toFixed(2)} s/step`
+  );
 }
 
 /**

@@ -49,7 +49,7 @@ export function parseByteSize(value: string, field: string): number {
   return bytes;
 }
 
-function memoryLevel(value: string | undefined): MemoryLevel | "auto" {
+export function parseMemoryLevel(value: string | undefined): MemoryLevel | "auto" {
   if (value === undefined || value === "auto") return "auto";
   if (["0", "1", "2", "3"].includes(value)) return Number(value) as MemoryLevel;
   throw invalid("memoryLevel", `must be 0, 1, 2, 3 or auto; got "${value}"`);
@@ -75,7 +75,7 @@ export function planModel(o: PlanOptions): PlanResult {
   const budget = {
     vram: o.vram === undefined ? undefined : parseByteSize(o.vram, "vram"),
     ram: o.ram === undefined ? undefined : parseByteSize(o.ram, "ram"),
-    memoryLevel: memoryLevel(o.memoryLevel),
+    memoryLevel: parseMemoryLevel(o.memoryLevel),
   };
   const manifest = modelManifest(id, model.architecture);
   return { plan: plan(manifest, hardware, { width, height, frames, steps, guidance }, budget), manifest, hardware };

@@ -17,6 +17,9 @@ interface GenerateFlags extends JobShapeFlags {
   dtype?: "bf16" | "fp16" | "fp32";
   randomWeights?: boolean;
   compile?: boolean;
+  vram?: string;
+  ram?: string;
+  memoryLevel?: string;
   framesDir?: string;
   out: string;
   json?: boolean;
@@ -33,6 +36,9 @@ export function generateCommand(ctx: CliContext): Command {
     .addOption(new Option("--device <device>", "where to run (default: cuda if there is a GPU)").choices(["cuda", "cpu"]))
     .addOption(new Option("--dtype <dtype>", "precision (default: bf16 on cuda, fp32 on cpu)").choices(["bf16", "fp16", "fp32"]))
     .option("--compile", "compile the transformer's blocks (torch.compile; the kernels are cached on disk): the first job pays for it")
+    .option("--vram <size>", "VRAM budget, e.g. 12GB: the planner keeps the run under it (default: the GPU's free memory)")
+    .option("--ram <size>", "host RAM budget, e.g. 32GB (default: the machine's)")
+    .option("--memory-level <level>", "0 all resident … 3 transformer streamed, or auto (the planner chooses)")
     .option("--random-weights", "build the catalog model's architecture with random weights: for timings only, the video is noise")
     .option("--frames-dir <dir>", "also write the frames as PNGs into this new or empty folder")
     .requiredOption("--out <file.mp4>", "the video to write (H.264 MP4)")
@@ -48,6 +54,9 @@ export function generateCommand(ctx: CliContext): Command {
         dtype: flags.dtype,
         randomWeights: flags.randomWeights ?? false,
         compile: flags.compile ?? false,
+        vram: flags.vram,
+        ram: flags.ram,
+        memoryLevel: flags.memoryLevel,
         out: flags.out,
         framesDir: flags.framesDir,
       };

@@ -41,6 +41,11 @@ export interface PlanBudget {
   readonly memoryLevel?: MemoryLevel | "auto";
   /** Fraction of the VRAM budget kept free for what the model does not predict. @default 0.1 */
   readonly margin?: number;
+  /**
+   * Factors on each phase's predicted peak VRAM, learned from the peaks measured on this machine
+   * (planner/learn.ts). @default none (1)
+   */
+  readonly corrections?: PhaseCorrections;
 }
 
 export type Placement =
@@ -59,6 +64,7 @@ export type VaeDecode = { readonly mode: "full" } | { readonly mode: "tiled"; re
 export type CfgMode = "batched" | "sequential" | "off";
 
 export type PlanPhase = "textEncode" | "denoise" | "decode";
+export type PhaseCorrections = Readonly<Partial<Record<PlanPhase, number>>>;
 export const PLAN_PHASES: readonly PlanPhase[] = ["textEncode", "denoise", "decode"];
 
 export interface PhasePrediction {
@@ -92,6 +98,8 @@ export interface Plan {
     readonly secondsPerStep: number;
     readonly phases: Readonly<Record<PlanPhase, PhasePrediction>>;
   };
+  /** The learned factors applied to the phases' predicted peaks (empty: none). */
+  readonly corrections: PhaseCorrections;
   /** Every decision with its reason, in the order they were made. */
   readonly reasons: readonly string[];
 }
@@ -222,7 +230,7 @@ function decodeSeconds(r: PlanRequest, hw: HardwareProfile, decode: VaeDecode): 
   return decode.mode === "full" ? full : full * VAE_TILES.find((t) => t.tile === decode.tile)!.slowdown;
 }
 
-function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Candidate): Evaluated {
+function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Candidate, corrections: PhaseCorrections = {}): Evaluated {
   const tokens = videoTokens(m, r);
   const prompts = c.cfg === "off" ? 1 : 2;
   const batch = c.cfg === "batched" ? 2 : 1;
@@ -275,6 +283,11 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
       seconds: decodeSeconds(r, hw, c.vaeDecode) + swapIn(m.vae.bytes, c.vae),
     },
   };
+
+  for (const phase of PLAN_PHASES) {
+    const factor = corrections[phase];
+    if (factor !== undefined) phases[phase] = { ...phases[phase], vram: phases[phase].vram * factor };
+  }
 
   const hostBytes = (bytes: number, p: Placement): number =>
     p.kind === "resident" ? 0 : p.kind === "streamed" ? (layers - p.residentBlocks) * t.blockBytes : bytes;
@@ -408,7 +421,12 @@ export function plan(manifest: ModelManifest, hardware: HardwareProfile, request
   );
   if (level !== "auto") reasons.push(`memory level ${level} (preset): ${LEVEL_MEANING[level]}`);
 
-  const all = candidates(manifest, request, level).map((c) => evaluate(manifest, hardware, request, c));
+  const corrections = budget.corrections ?? {};
+  const corrected = PLAN_PHASES.filter((p) => corrections[p] !== undefined && corrections[p] !== 1);
+  if (corrected.length > 0) {
+    reasons.push(`peaks corrected from this machine's measurements: ${corrected.map((p) => `${p} ×${corrections[p]!.toFixed(3)}`).join(", ")}`);
+  }
+  const all = candidates(manifest, request, level).map((c) => evaluate(manifest, hardware, request, c, corrections));
   const hostOk = all.filter((e) => e.peakRam <= ram && e.pinnedBytes <= hardware.pinnedLimit);
   // The descent can in principle corner itself (nothing within the resident bytes kept fits); then the fastest that fits.
   const chosen = descend(hostOk, hardware.vramFree * (1 - margin), usable) ?? best(hostOk.filter((e) => e.peakVram <= usable));
@@ -441,6 +459,7 @@ export function plan(manifest: ModelManifest, hardware: HardwareProfile, request
       secondsPerStep: chosen.secondsPerStep,
       phases: chosen.phases,
     },
+    corrections,
     reasons,
   };
 }
@@ -528,7 +547,7 @@ export function smallestVramBudget(m: ModelManifest, hw: HardwareProfile, r: Pla
   const margin = budget.margin ?? DEFAULT_MARGIN;
   const ram = budget.ram ?? hw.hostRam;
   const ok = candidates(m, r, level)
-    .map((c) => evaluate(m, hw, r, c))
+    .map((c) => evaluate(m, hw, r, c, budget.corrections))
     .filter((e) => e.peakRam <= ram && e.pinnedBytes <= hw.pinnedLimit);
   return Math.min(...ok.map((e) => e.peakVram)) / (1 - margin);
 }
