@@ -17,13 +17,15 @@ import { MemorySpec, ModelSpec } from "../protocol/engine.ts";
 import { jobFieldsOf, memorySpecOf } from "../planner/execute.ts";
 import { findHardwarePreset, HARDWARE_PRESETS } from "../planner/hardware.ts";
 import { modelManifest } from "../planner/manifest.ts";
-import { plan, type Plan } from "../planner/plan.ts";
+import { plan, type MemoryLevel, type Plan } from "../planner/plan.ts";
 import { gpuSlug, ProvenanceSchema, randomRun, RandomRunOptions, RunJob, writeRecord, type Provenance } from "./bench.ts";
 import { parseByteSize } from "./plan.ts";
 
 export const MemoryBenchOptions = RandomRunOptions.extend({
   /** VRAM budgets such as "8GB" (GiB); each is planned and run. */
-  budgets: z.array(z.string()).min(1),
+  budgets: z.array(z.string()).default([]),
+  /** Memory-level presets (0..3) to run as well, each planned at that level on the whole card. */
+  levels: z.array(z.number().int().min(0).max(3)).default([]),
   /** The hardware profile the planner plans for. @default h100-80gb */
   gpu: z.string().default("h100-80gb"),
   /** Untimed denoising steps per case (compile, first copies). @default 1 */
@@ -135,6 +137,9 @@ function predictedOf(p: Plan): z.infer<typeof Predicted> {
 /** Plans each budget and builds the engine's spec (and the list of refused budgets). */
 export function memoryBenchSpec(input: MemoryBenchOptions, provenance: Provenance): MemoryBenchSpec {
   const o = MemoryBenchOptions.parse(input);
+  if (o.budgets.length === 0 && o.levels.length === 0) {
+    throw new KinoError("INVALID_ARGUMENT", "give at least one VRAM budget (--budgets) or memory level (--levels)", { field: "budgets" });
+  }
   const run = randomRun(o);
   const entry = findCatalogModel(o.model)!;
   const hardware = findHardwarePreset(o.gpu);
@@ -147,6 +152,10 @@ export function memoryBenchSpec(input: MemoryBenchOptions, provenance: Provenanc
   if (o.resident) {
     const all = plan(manifest, hardware, request, { memoryLevel: 0 });
     cases.push({ label: "resident", memory: { ...memorySpecOf(all), vramBudget: null }, ...jobFieldsOf(all), predicted: predictedOf(all), reasons: [...all.reasons] });
+  }
+  for (const level of o.levels) {
+    const p = plan(manifest, hardware, request, { memoryLevel: level as MemoryLevel });
+    cases.push({ label: `level ${level}`, memory: { ...memorySpecOf(p), vramBudget: null }, ...jobFieldsOf(p), predicted: predictedOf(p), reasons: [...p.reasons] });
   }
   for (const label of o.budgets) {
     const vram = parseByteSize(label, "budgets");

@@ -17,6 +17,7 @@ import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from
 
 interface BenchMemoryFlags extends RandomRunFlags {
   budgets: string;
+  levels?: string;
   gpu: string;
   timedSteps?: string;
   resident: boolean;
@@ -33,6 +34,7 @@ export function benchMemoryCommand(ctx: CliContext): Command {
   );
   return addRandomRunOptions(command, "untimed denoising steps per budget", "1")
     .option("--budgets <list>", "comma-separated VRAM budgets", "8GB,12GB,16GB,24GB,48GB,80GB")
+    .option("--levels <list>", "comma-separated memory-level presets (0..3) to run as well, e.g. 0,1,2,3")
     .option("--gpu <profile>", "the hardware profile to plan for", "h100-80gb")
     .option("--timed-steps <n>", "timed denoising steps per budget (median reported)", "2")
     .option("--no-resident", "skip the all-resident reference case")
@@ -50,6 +52,7 @@ export function benchMemoryCommand(ctx: CliContext): Command {
           {
             ...randomRun(flags),
             budgets: flags.budgets.split(",").map((b) => b.trim()).filter((b) => b !== ""),
+            levels: (flags.levels ?? "").split(",").filter((l) => l.trim() !== "").map((l) => integerFlag(l.trim(), "levels")!),
             gpu: flags.gpu,
             timedSteps: integerFlag(flags.timedSteps, "timedSteps"),
             resident: flags.resident,
