@@ -4,7 +4,7 @@
  * `kino plan`. No GPU, no weights, no engine.
  */
 import assert from "node:assert/strict";
-import { readdirSync, readFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, describe, test } from "node:test";
@@ -13,7 +13,7 @@ import { WAN21_T2V_14B, WAN21_T2V_1_3B } from "../src/catalog/wan21.ts";
 import { KinoError } from "../src/errors.ts";
 import { GiB, H100_80GB, RTX4090_24GB, type HardwareProfile } from "../src/planner/hardware.ts";
 import { modelManifest, type ModelManifest } from "../src/planner/manifest.ts";
-import { plan, predict, smallestVramBudget, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
+import { plan, predict, smallestVramBudget, type Plan, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
 import type { MemoryBenchReport } from "../src/api/memory-bench.ts";
 import { runKino } from "./fixtures/cli.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
@@ -292,3 +292,29 @@ describe("kino plan", () => {
     assert.equal(p.hardware, "h100-80gb");
   });
 });
+
+describe("a checkpoint folder plans like its catalog architecture", () => {
+  const dirs: string[] = [];
+  after(() => dirs.forEach(removeDir));
+
+  test("kino plan --model <folder> reads the configs, not the weights", async () => {
+    const root = tempDir("kino-plan-ckpt-");
+    dirs.push(root);
+    for (const [component, config] of [["transformer", WAN21_T2V_14B.transformer], ["text_encoder", WAN21_T2V_14B.textEncoder]] as const) {
+      mkdirSync(join(root, component), { recursive: true });
+      writeFileSync(join(root, component, "config.json"), JSON.stringify(config));
+    }
+    const home = tempDir("kino-plan-home-");
+    dirs.push(home);
+    const run = await runKino(["plan", "--model", root, "--vram", "12GB", "--json"], { home });
+    assert.equal(run.code, 0, run.stderr);
+    const fromFolder = (JSON.parse(run.stdout) as { plan: Plan }).plan;
+    const fromCatalog = plan(M14, H100_80GB, R480, { vram: 12 * GiB });
+    assert.deepEqual(fromFolder.placement, fromCatalog.placement);
+    assert.equal(fromFolder.predicted.peakVram, fromCatalog.predicted.peakVram);
+    const missing = await runKino(["plan", "--model", join(root, "nope"), "--json"], { home });
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /no transformer\/config\.json/);
+  });
+});
+

@@ -24,6 +24,7 @@ import type { Device, DeviceInfo, DType, EngineEvent, GenerateResult, HelloResul
 import { jobFieldsOf, memorySpecOf } from "../planner/execute.ts";
 import { H100_80GB, type HardwareProfile } from "../planner/hardware.ts";
 import { corrections, PeakLog, peakRecords } from "../planner/learn.ts";
+import { checkpointManifest } from "../planner/checkpoint-manifest.ts";
 import { modelManifest } from "../planner/manifest.ts";
 import { DEFAULT_MARGIN, describeDecode, describePlacement, plan, type Plan } from "../planner/plan.ts";
 import { parseByteSize, parseMemoryLevel } from "./plan.ts";
@@ -221,7 +222,9 @@ export async function planRun(
 ): Promise<Plan | null> {
   const architecture = model.id === null ? null : (findCatalogModel(model.id)?.architecture ?? null);
   const gpu = hello.devices[0];
-  if (device !== "cuda" || gpu === undefined || architecture === null) {
+  // A catalog architecture, or the configs of a checkpoint folder (real weights); the tiny model is not planned.
+  const plannable = architecture !== null || (model.path !== null && !model.tiny && !model.randomWeights);
+  if (device !== "cuda" || gpu === undefined || !plannable) {
     if (options.vram !== undefined || options.memoryLevel !== undefined) {
       throw new KinoError(
         "INVALID_ARGUMENT",
@@ -233,7 +236,7 @@ export async function planRun(
     }
     return null;
   }
-  const manifest = modelManifest(model.id!, architecture);
+  const manifest = architecture !== null ? modelManifest(model.id!, architecture) : await checkpointManifest(model.path!, "model");
   const hardware: HardwareProfile = {
     ...H100_80GB,
     name: gpu.name,

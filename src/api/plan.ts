@@ -2,7 +2,9 @@
  * `kino plan` as a function: from a catalog id, a job shape, a budget and a named GPU profile to a
  * Plan, without weights and without an engine. Checks every input and names the field at fault.
  */
-import { findCatalogModel, catalogIds } from "../catalog/models.ts";
+import { resolve } from "node:path";
+import { findCatalogModel, catalogIds, WAN21_480P_DEFAULTS, WAN21_SHAPE, type JobDefaults, type ShapeRules } from "../catalog/models.ts";
+import { checkpointManifest } from "../planner/checkpoint-manifest.ts";
 import { KinoError } from "../errors.ts";
 import { findHardwarePreset, GiB, HARDWARE_PRESETS, type HardwareProfile } from "../planner/hardware.ts";
 import { modelManifest, type ModelManifest } from "../planner/manifest.ts";
@@ -55,18 +57,32 @@ export function parseMemoryLevel(value: string | undefined): MemoryLevel | "auto
   throw invalid("memoryLevel", `must be 0, 1, 2, 3 or auto; got "${value}"`);
 }
 
-/** Plans a request. Pure apart from reading the built-in catalog. */
+/**
+ * Plans a request for a catalog id, or for a checkpoint folder (a path: its component configs give
+ * the manifest; Wan 2.1's 480p defaults apply). No weights are read.
+ */
+export async function planModelOrFolder(o: PlanOptions, cwd: string): Promise<PlanResult> {
+  const id = o.model ?? "wan2.1-t2v-1.3b";
+  if (findCatalogModel(id) !== undefined || !(id.includes("/") || id.startsWith("."))) return planModel(o);
+  const root = resolve(cwd, id);
+  return planWith(await checkpointManifest(root), WAN21_480P_DEFAULTS, WAN21_SHAPE, o);
+}
+
+/** Plans a request for a catalog id. Pure apart from reading the built-in catalog. */
 export function planModel(o: PlanOptions): PlanResult {
   const id = o.model ?? "wan2.1-t2v-1.3b";
   const model = findCatalogModel(id);
-  if (model === undefined) throw new KinoError("UNKNOWN_MODEL", `unknown model "${id}"; known ids: ${catalogIds().join(", ")}`, { field: "model" });
+  if (model === undefined) throw new KinoError("UNKNOWN_MODEL", `unknown model "${id}"; known ids: ${catalogIds().join(", ")} (or a checkpoint folder)`, { field: "model" });
   if (model.architecture === null) throw invalid("model", `${id} has no full-size architecture to plan from; use a Wan 2.1 id`);
+  return planWith(modelManifest(id, model.architecture), model.defaults, model.shape, o);
+}
+
+function planWith(manifest: ModelManifest, d: JobDefaults, shape: ShapeRules, o: PlanOptions): PlanResult {
   const hardware = findHardwarePreset(o.gpu ?? "h100-80gb");
   if (hardware === undefined) throw invalid("gpu", `unknown GPU profile "${o.gpu}"; known: ${HARDWARE_PRESETS.map((h) => h.name).join(", ")}`);
-  const d = model.defaults;
-  const { width, height } = o.size === undefined ? { width: d.width, height: d.height } : parseSize(o.size, model.shape);
+  const { width, height } = o.size === undefined ? { width: d.width, height: d.height } : parseSize(o.size, shape);
   const frames = o.frames ?? d.frames;
-  const t = model.shape.temporalMultiple;
+  const t = shape.temporalMultiple;
   if (!Number.isInteger(frames) || frames < 1 || (frames - 1) % t !== 0) throw invalid("frames", `must be a whole number of the form ${t}k+1 (e.g. 81); got ${frames}`);
   const steps = o.steps ?? d.steps;
   if (!Number.isInteger(steps) || steps < 1) throw invalid("steps", `must be a whole number ≥ 1 (50 is Wan's default); got ${steps}`);
@@ -77,6 +93,5 @@ export function planModel(o: PlanOptions): PlanResult {
     ram: o.ram === undefined ? undefined : parseByteSize(o.ram, "ram"),
     memoryLevel: parseMemoryLevel(o.memoryLevel),
   };
-  const manifest = modelManifest(id, model.architecture);
   return { plan: plan(manifest, hardware, { width, height, frames, steps, guidance }, budget), manifest, hardware };
 }

@@ -1,6 +1,6 @@
 /** `kino plan`: the plan for a request on a GPU under a budget, as a table or JSON; no weights, no engine. */
 import { Command } from "commander";
-import { planModel, type PlanResult } from "../api/plan.ts";
+import { planModelOrFolder, type PlanResult } from "../api/plan.ts";
 import { GiB } from "../planner/hardware.ts";
 import { describeDecode, describePlacement, PLAN_PHASES, type PlanPhase } from "../planner/plan.ts";
 import type { CliContext } from "./context.ts";
@@ -22,7 +22,7 @@ interface PlanFlags {
 export function planCommand(ctx: CliContext): Command {
   return new Command("plan")
     .description("show where each component would live, and the predicted peak memory and time (no weights needed)")
-    .option("--model <id>", "a catalog id with an architecture", "wan2.1-t2v-1.3b")
+    .option("--model <id|path>", "a catalog id with an architecture, or a diffusers Wan checkpoint folder (its configs are read, not its weights)", "wan2.1-t2v-1.3b")
     .option("--size <WxH>", "width x height, multiples of 16 (default: the model's, 832x480)")
     .option("--frames <n>", "number of frames, 4k+1 (default: the model's, 81)")
     .option("--steps <n>", "denoising steps (default: the model's, 50)")
@@ -32,8 +32,8 @@ export function planCommand(ctx: CliContext): Command {
     .option("--memory-level <level>", "0 all resident, 1 VAE tiled, 2 + text encoder on CPU, 3 + transformer streamed, or auto", "auto")
     .option("--gpu <profile>", "hardware profile: h100-80gb or rtx4090-24gb", "h100-80gb")
     .option("--json", "print the plan as one JSON object on stdout")
-    .action((flags: PlanFlags) => {
-      const result = planModel({
+    .action(async (flags: PlanFlags) => {
+      const result = await planModelOrFolder({
         model: flags.model,
         size: flags.size,
         frames: integerFlag(flags.frames, "frames"),
@@ -43,7 +43,7 @@ export function planCommand(ctx: CliContext): Command {
         ram: flags.ram,
         memoryLevel: flags.memoryLevel,
         gpu: flags.gpu,
-      });
+      }, ctx.cwd);
       ctx.io.stdout(flags.json ? JSON.stringify({ ok: true, plan: result.plan }) + "\n" : planTable(result));
     });
 }

@@ -130,7 +130,7 @@ export function umt5EncoderManifest(config: Record<string, unknown>, dtype: Weig
 }
 
 /** The manifest of a catalog architecture, every component in `dtype`. Pure. */
-export function modelManifest(id: string, architecture: WanArchitecture, dtype: WeightDtype = "bf16"): ModelManifest {
+export function modelManifest(id: string, architecture: Pick<WanArchitecture, "transformer" | "textEncoder">, dtype: WeightDtype = "bf16"): ModelManifest {
   return {
     id,
     dtype,
