@@ -13,6 +13,7 @@ that fails to load), BAD_REQUEST naming the architecture field whose config does
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 import diffusers
@@ -32,6 +33,7 @@ TEXT_ENCODER_MAX_LENGTH = 512
 
 OnProgress = Callable[[str, int, int], None]
 T = TypeVar("T")
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass
@@ -98,16 +100,15 @@ def load_checkpoint_components(
         done += size
         on_progress(name, done, total)
 
-    # The weights go through host memory once (from_pretrained), then to the device.
     text_encoder = _ready(
-        UMT5EncoderModel.from_pretrained(checkpoint.text_encoder.folder, dtype=dtype).to(where["text_encoder"])
+        pretrained(UMT5EncoderModel, checkpoint.text_encoder.folder, dtype, where["text_encoder"])
     )
     loaded("text_encoder", checkpoint.text_encoder.weight_bytes)
     transformer = _ready(
-        WanTransformer3DModel.from_pretrained(checkpoint.transformer.folder, dtype=dtype).to(where["transformer"])
+        pretrained(WanTransformer3DModel, checkpoint.transformer.folder, dtype, where["transformer"])
     )
     loaded("transformer", checkpoint.transformer.weight_bytes)
-    vae = _ready(AutoencoderKLWan.from_pretrained(checkpoint.vae.folder, dtype=VAE_DTYPE).to(where["vae"]))
+    vae = _ready(pretrained(AutoencoderKLWan, checkpoint.vae.folder, VAE_DTYPE, where["vae"]))
     loaded("vae", checkpoint.vae.weight_bytes)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint.tokenizer_folder)
     loaded("tokenizer", 0)
@@ -127,6 +128,16 @@ def _has_room(device: torch.device, nbytes: int) -> bool:
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return free > nbytes * 1.1 + 2**30
+
+
+def pretrained(cls: type[M], folder: Path | str, dtype: torch.dtype, target: torch.device) -> M:
+    """`cls.from_pretrained(folder)` in `dtype` onto `target`. On a GPU the weights go shard by shard
+    straight to the device (accelerate's device map with one entry: no dispatch hooks), so host RAM
+    holds about one memory-mapped shard at a time instead of the whole component; on the host they
+    load as before."""
+    if target.type == "cuda":
+        return cls.from_pretrained(folder, dtype=dtype, device_map={"": target})  # type: ignore[attr-defined]
+    return cls.from_pretrained(folder, dtype=dtype).to(target)  # type: ignore[attr-defined]
 
 
 def _maker(field: str, make: Callable[[], T]) -> Callable[[], T]:

@@ -7,10 +7,11 @@
       Write a transformer folder with random weights ~ N(0, 0.02) for a diffusers transformer config
       (e.g. Wan 2.1 14B's, as src/catalog/wan21.ts defines it), sharded as diffusers shards: a source
       for measure-load where no real checkpoint is at hand (timings and memory do not depend on values).
-  measure-load SRC --mode MODE [--device cpu|cuda]
+  measure-load SRC --mode MODE|bf16 [--device cpu|cuda]
       Load SRC the way the engine would (a kino-quantized folder: load_quantized_transformer; a
-      bf16/fp32 one: stream_quantize to MODE) and report the peak host RSS during the load against
-      the bound 1.2 x quantized bytes + largest shard; exits 1 when the bound is broken.
+      bf16/fp32 one: stream_quantize to MODE; --mode bf16: kino's plain loader) and report the peak
+      host RSS during the load against the bound (1.2 x quantized bytes + largest shard; bf16 onto a
+      GPU: 1.2 x the largest shard); exits 1 when the bound is broken.
 
 The last stdout line is one JSON object, {"ok": true, "result": ...} or {"ok": false, "error": ...}
 (see tool_answer).
@@ -27,6 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..pipelines.wan_components import pretrained
 from ..protocol import EngineFailure
 from ..random_weights import build_random
 from ..runtime.memory import module_bytes
@@ -103,7 +105,14 @@ def measure_load(args: argparse.Namespace) -> dict[str, Any]:
         torch.zeros(1, device=device)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    if is_quantized(args.src):
+    if args.mode == "bf16":
+        # kino's plain loader (pipelines/wan_components.pretrained): no quantization; onto a GPU the
+        # shards go straight to the device, so the bound is the largest shard (nothing stays on the host).
+        model, peak = measure_peak_rss(
+            lambda: pretrained(model_class(component.config), component.folder, torch.bfloat16, device)
+        )
+        how = "pretrained(bf16)"
+    elif is_quantized(args.src):
         model, peak = measure_peak_rss(lambda: load_quantized_transformer(args.src, device))
         how = "load_quantized_transformer"
     else:
@@ -111,7 +120,11 @@ def measure_load(args: argparse.Namespace) -> dict[str, Any]:
         how = f"stream_quantize({args.mode})"
     seconds = time.perf_counter() - started
     quantized = module_bytes(model)
-    bound = RAM_FACTOR * quantized + largest_shard
+    if args.mode == "bf16":
+        # What stays on the host: nothing on a GPU, the whole model on the CPU.
+        bound = (quantized if device.type == "cpu" else 0) + RAM_FACTOR * largest_shard
+    else:
+        bound = RAM_FACTOR * quantized + largest_shard
     result = {
         "how": how,
         "device": str(device),
@@ -149,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     m = commands.add_parser("measure-load", help="peak host RAM of a streamed or pre-quantized load")
     m.add_argument("src")
-    m.add_argument("--mode", choices=MODES, default="fp8")
+    m.add_argument("--mode", choices=(*MODES, "bf16"), default="fp8", help="bf16: kino's plain loader, no quantization")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     return parser
 
