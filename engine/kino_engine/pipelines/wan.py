@@ -68,6 +68,13 @@ def _ready(host: torch.Tensor, copied: torch.cuda.Event) -> np.ndarray:
     return host.numpy()
 
 
+def _is_quantized(module: torch.nn.Module) -> bool:
+    """Whether `module` already holds kino's low-bit linears (a pre-quantized checkpoint)."""
+    from ..quant import QuantLinear
+
+    return any(isinstance(m, QuantLinear) for m in module.modules())
+
+
 def clean_prompt(text: str) -> str:
     """Wan's prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
@@ -118,13 +125,20 @@ class WanT2V:
         self.scheduler_config = dict(components.scheduler_config)
         self.device = device
         self.dtype = dtype
-        # Placement before the runtime's optimizations: compile wraps blocks the streamer leaves in place.
+        options = runtime or RuntimeOptions()
+        # Precision, then placement, then the runtime's optimizations: the placer lays out the
+        # (quantized) bytes it streams, and compile wraps blocks the streamer leaves in place.
+        self.quant_report = None
+        if options.weights != "exact" and not _is_quantized(self.transformer):
+            from ..quant import quantize_module
+
+            self.quant_report = quantize_module(self.transformer, options.weights)
         self.placer = Placer.apply(
             memory or MemoryPlan(),
             device,
             {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae},
         )
-        self.runtime: Runtime = optimize(self.transformer, device, dtype, runtime or RuntimeOptions())
+        self.runtime: Runtime = optimize(self.transformer, device, dtype, options)
 
     @classmethod
     def load(

@@ -104,9 +104,7 @@ def load_checkpoint_components(
         pretrained(UMT5EncoderModel, checkpoint.text_encoder.folder, dtype, where["text_encoder"])
     )
     loaded("text_encoder", checkpoint.text_encoder.weight_bytes)
-    transformer = _ready(
-        pretrained(WanTransformer3DModel, checkpoint.transformer.folder, dtype, where["transformer"])
-    )
+    transformer = _ready(_load_transformer(checkpoint, dtype, where["transformer"]))
     loaded("transformer", checkpoint.transformer.weight_bytes)
     vae = _ready(pretrained(AutoencoderKLWan, checkpoint.vae.folder, VAE_DTYPE, where["vae"]))
     loaded("vae", checkpoint.vae.weight_bytes)
@@ -128,6 +126,15 @@ def _has_room(device: torch.device, nbytes: int) -> bool:
         return False
     free, _ = torch.cuda.mem_get_info(device)
     return free > nbytes * 1.1 + 2**30
+
+
+def _load_transformer(checkpoint: WanCheckpoint, dtype: torch.dtype, target: torch.device) -> torch.nn.Module:
+    """The transformer: kino's pre-quantized format as written (quant/store.py), else from_pretrained."""
+    from ..quant import is_quantized, load_quantized_transformer
+
+    if is_quantized(str(checkpoint.transformer.folder)):
+        return load_quantized_transformer(str(checkpoint.transformer.folder), target)
+    return pretrained(WanTransformer3DModel, checkpoint.transformer.folder, dtype, target)
 
 
 def pretrained(cls: type[M], folder: Path | str, dtype: torch.dtype, target: torch.device) -> M:

@@ -1,5 +1,5 @@
-"""`optimize(transformer, device, options)`: apply the hot path's exact optimizations from outside the
-model, in one visible order: attention backend -> compile. Returns the `Runtime` that remembers what
+"""`optimize(transformer, device, options)`: apply the hot path's optimizations from outside the
+model, in one visible order: attention backend -> low-bit attention (opt-in) -> compile. Returns the `Runtime` that remembers what
 was applied; the pipeline calls `runtime.prepare(shape)` before the first forward at a job's shape,
 which resolves attention "auto" for that shape (measured once, cached on disk).
 
@@ -54,7 +54,14 @@ def optimize(
     attn.install(transformer, policy)
     runtime = Runtime(options, device, dtype, policy)
     log.info("optimize: attention %s, cfg %s, compile %s", options.attention, options.cfg, options.compile)
-    # 2. Compile, with its on-disk cache configured first.
+    # 2. Low-bit self-attention (lossy, opt-in): a processor on each block's attn1, compiled with the block.
+    if options.attention_precision != "exact":
+        from ..quant import install_lowbit_attention
+
+        qk, pv = options.attention_precision.split("-")
+        install_lowbit_attention(transformer, qk, pv)  # type: ignore[arg-type]
+        log.info("optimize: low-bit self-attention %s", options.attention_precision)
+    # 3. Compile, with its on-disk cache configured first.
     if options.compile:
         folder = configure_cache(options.cache_dir)
         runtime.compiled = compile_blocks(transformer, options.compile_fullgraph)

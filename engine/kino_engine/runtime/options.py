@@ -1,4 +1,5 @@
-"""`RuntimeOptions`: the knobs of kino's exact (lossless) hot path, typed and frozen.
+"""`RuntimeOptions`: the knobs of kino's hot path, typed and frozen (exact by default; `weights` and
+`attention_precision` opt into lossy low-bit modes).
 
 One value is passed to `WanT2V.load(spec, on_progress, runtime=RuntimeOptions(...))` and applied by
 `runtime.optimize.optimize` in one order (attention backend -> compile). Defaults reproduce the plain
@@ -17,6 +18,10 @@ CfgMode = Literal["auto", "batched", "sequential"]
 CFG_MODES: tuple[str, ...] = ("auto", "batched", "sequential")
 #: Attention backend names; "auto" measures the exact ones and keeps the fastest (see runtime.attention).
 ATTENTION_NAMES: tuple[str, ...] = ("auto", "default", "cudnn", "flash", "efficient", "math")
+#: The transformer's linear layers: "exact" (the model dtype) or a low-bit mode of kino_engine.quant.
+WEIGHT_MODES: tuple[str, ...] = ("exact", "fp8", "fp8-weight", "int8", "int8-dynamic")
+#: Self-attention: "exact" (SDPA) or kino's low-bit kernel as "<QK>-<PV>" (quant/attention.py).
+LOWBIT_ATTENTION: tuple[str, ...] = ("exact", "int8-fp8", "int8-bf16", "fp8-fp8", "fp8-bf16")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,15 @@ class RuntimeOptions:
     """Where the attention choice (attention.json) and the inductor cache (inductor/) persist across
     processes; None keeps nothing on disk (every process measures and compiles again)."""
 
+    weights: str = "exact"
+    """The transformer's linear layers: "exact", or a lossy low-bit mode ("fp8": FP8 weights and
+    per-token FP8 activations on FP8 tensor cores; "fp8-weight"/"int8": weight-only, dequantized on
+    use; "int8-dynamic": INT8 weights and activations). Norms, embeddings, modulation and the output
+    projection stay exact (quant/policy.py). A pre-quantized checkpoint is loaded as it was written."""
+
+    attention_precision: str = "exact"
+    """Self-attention: "exact" or kino's lossy low-bit kernel "<QK>-<PV>" (e.g. "int8-fp8")."""
+
     max_steps_ahead: int = 2
     """How many denoising steps the host may queue ahead of the GPU before it waits for the oldest
     one's end event (bounds the lag of progress events and cancellation; never stalls the GPU)."""
@@ -57,6 +71,12 @@ class RuntimeOptions:
             raise ValueError(f"RuntimeOptions.compile_fullgraph must be a bool, got {self.compile_fullgraph!r}")
         if self.cache_dir is not None and not isinstance(self.cache_dir, Path):
             raise ValueError(f"RuntimeOptions.cache_dir must be a pathlib.Path or None, got {self.cache_dir!r}")
+        if self.weights not in WEIGHT_MODES:
+            raise ValueError(f"RuntimeOptions.weights must be one of {WEIGHT_MODES}, got {self.weights!r}")
+        if self.attention_precision not in LOWBIT_ATTENTION:
+            raise ValueError(
+                f"RuntimeOptions.attention_precision must be one of {LOWBIT_ATTENTION}, got {self.attention_precision!r}"
+            )
         if not isinstance(self.max_steps_ahead, int) or self.max_steps_ahead < 1:
             raise ValueError(f"RuntimeOptions.max_steps_ahead must be an int >= 1, got {self.max_steps_ahead!r}")
 
