@@ -139,6 +139,19 @@ describe("generate plans GPU memory", () => {
     assert.equal(records[0]!.predicted, records[3]!.predicted);
   });
 
+  test("--precision reaches the engine's runtime; auto stays exact when exact fits", async () => {
+    const h = home();
+    const r = recorder();
+    const run = await runKino([...RUN, "--precision", "fp8", "--out", join(h, "a.mp4")], { home: h, engine: r.make });
+    assert.equal(run.code, 0, run.stderr);
+    assert.equal(r.loads[0]!.runtime!.weights, "fp8");
+    assert.match(run.stderr, /linears fp8 \(lossy: 4\.4% from exact\)/);
+    const auto = recorder();
+    const again = await runKino([...RUN, "--precision", "auto", "--out", join(h, "b.mp4")], { home: h, engine: auto.make });
+    assert.equal(again.code, 0, again.stderr);
+    assert.equal(auto.loads[0]!.runtime!.weights, "exact");
+  });
+
   test("budgets on the CPU or a bad size are refused naming the field", async () => {
     const h = home();
     const cpu = await runKino(["generate", "--model", "tiny", "--prompt", "p", "--vram", "8GB", "--out", join(h, "a.mp4")], { home: h, engine: () => new FakeEngine() });

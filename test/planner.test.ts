@@ -12,7 +12,7 @@ import { planModel } from "../src/api/plan.ts";
 import { WAN21_T2V_14B, WAN21_T2V_1_3B } from "../src/catalog/wan21.ts";
 import { KinoError } from "../src/errors.ts";
 import { GiB, H100_80GB, RTX4090_24GB, type HardwareProfile } from "../src/planner/hardware.ts";
-import { modelManifest, type ModelManifest } from "../src/planner/manifest.ts";
+import { modelManifest, withWeights, type ModelManifest } from "../src/planner/manifest.ts";
 import { plan, predict, smallestVramBudget, type Plan, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
 import type { MemoryBenchReport } from "../src/api/memory-bench.ts";
 import { runKino } from "./fixtures/cli.ts";
@@ -56,7 +56,7 @@ describe("calibration: every plan measured on the H100 (docs/benchmarks/*-memory
   // planner's targets: peak VRAM ±10%, generation time ±20% (text encode + the job's steps at the
   // measured rate + decode).
   const records = readdirSync(BENCH_DIR)
-    .filter((f) => /-memory-[0-9a-f]{7}\.json$/.test(f))
+    .filter((f) => /\d+x\d+x\d+-memory-[0-9a-f]{7}\.json$/.test(f))
     .map((f) => ({ file: f, report: JSON.parse(readFileSync(join(BENCH_DIR, f), "utf8")) as MemoryBenchReport }));
   test("the records cover both architectures at both sizes", () => {
     const shapes = new Set(records.map((r) => `${r.report.spec.model.name} ${r.report.spec.job.width}x${r.report.spec.job.height}`));
@@ -318,3 +318,49 @@ describe("a checkpoint folder plans like its catalog architecture", () => {
   });
 });
 
+
+describe("precision: the transformer's linears as one more dimension", () => {
+  const R720: PlanRequest = { width: 1280, height: 720, frames: 81, steps: 50, guidance: 5 };
+
+  test("FP8 block linears: the bytes the engine measured after quantizing the 14B (14.595 GB)", () => {
+    const fp8 = withWeights(M14, "fp8");
+    within(fp8.transformer.bytes / 14_595_065_984, 1, 0.01, "fp8 transformer bytes against the H100 load record");
+    assert.ok(fp8.transformer.blockBytes < M14.transformer.blockBytes * 0.52);
+    assert.equal(fp8.transformer.restBytes, M14.transformer.restBytes, "outside the blocks stays exact");
+  });
+
+  test("exact by default; a named mode carries its error; fp8 is faster per step, weight-only is not", () => {
+    const exact = plan(M14, H100_80GB, R720);
+    assert.equal(exact.weights, "exact");
+    assert.equal(exact.weightsError, 0);
+    const fp8 = plan(M14, H100_80GB, R720, { weights: "fp8" });
+    assert.equal(fp8.weights, "fp8");
+    assert.ok(fp8.weightsError > 0.03, "fp8's measured forward error is stated");
+    assert.ok(fp8.predicted.secondsPerStep < exact.predicted.secondsPerStep);
+    const int8 = plan(M14, H100_80GB, R720, { weights: "int8" });
+    within(int8.predicted.secondsPerStep, exact.predicted.secondsPerStep, 0.001, "weight-only int8 s/step");
+  });
+
+  test("auto: exact when it fits, else the lowest-error mode that fits, else INFEASIBLE naming the smallest budget of all", () => {
+    assert.equal(plan(M14, H100_80GB, R720, { weights: "auto" }).weights, "exact");
+    const tight = plan(M14, H100_80GB, R720, { weights: "auto", vram: 7 * GiB });
+    assert.equal(tight.weights, "int8", "exact needs 7.3 GB here; int8 has the lowest error of the modes that fit");
+    assert.match(tight.reasons[0]!, /exact does not fit; int8 is lossy/);
+    assert.throws(() => plan(M14, H100_80GB, R720, { weights: "exact", vram: 7 * GiB }), (e: KinoError) => e.code === "INFEASIBLE");
+    assert.throws(
+      () => plan(M14, H100_80GB, R720, { weights: "auto", vram: 5 * GiB }),
+      (e: KinoError) => e.code === "INFEASIBLE" && /--vram 6\.\dGB/.test(e.message),
+    );
+  });
+
+  test("kino plan --precision names a bad mode", async () => {
+    const home = tempDir("kino-plan-precision-");
+    try {
+      const bad = await runKino(["plan", "--precision", "fp4"], { home });
+      assert.equal(bad.code, 2);
+      assert.match(bad.stderr, /precision.*fp8/);
+    } finally {
+      removeDir(home);
+    }
+  });
+});

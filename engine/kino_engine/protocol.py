@@ -440,6 +440,8 @@ def _parse_runtime(value: Any, path: str) -> RuntimeOptions:
             attention=_get(obj, "attention", path),
             compile=_get(obj, "compile", path),
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            weights=obj.get("weights") or "exact",
+            attention_precision=obj.get("attentionPrecision") or "exact",
         )
     except ValueError as exc:
         raise _bad(path, str(exc)) from exc

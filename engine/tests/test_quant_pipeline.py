@@ -102,3 +102,17 @@ def test_bad_names_are_refused() -> None:
         RuntimeOptions(weights="fp4")
     with pytest.raises(ValueError, match="attention_precision"):
         RuntimeOptions(attention_precision="int4-fp8")
+
+
+def test_the_protocol_carries_the_modes() -> None:
+    from kino_engine.protocol import parse_model_spec
+
+    raw = {
+        "name": "m", "source": {"kind": "checkpoint", "path": "/x"}, "device": "cpu", "dtype": "float32",
+        "runtime": {"cfg": "auto", "attention": "auto", "compile": False, "cacheDir": None, "weights": "int8", "attentionPrecision": "int8-fp8"},
+    }
+    spec = parse_model_spec(raw)
+    assert spec.runtime is not None and spec.runtime.weights == "int8" and spec.runtime.attention_precision == "int8-fp8"
+    raw["runtime"]["weights"] = "fp4"  # type: ignore[index]
+    with pytest.raises(Exception, match="weights"):
+        parse_model_spec(raw)

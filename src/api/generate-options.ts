@@ -45,6 +45,8 @@ export const GenerateOptions = z.object({
   ram: z.string().optional(),
   /** A memory-level preset 0..3, or "auto" (the planner chooses). @default "auto" */
   memoryLevel: z.string().optional(),
+  /** The transformer's linears: exact, fp8, fp8-weight, int8, int8-dynamic, or auto (exact unless it does not fit). @default exact */
+  precision: z.string().optional(),
   /** Build the catalog model's architecture with random weights (timings only). @default false */
   randomWeights: z.boolean().default(false),
   /** The MP4 to write. */

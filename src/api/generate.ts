@@ -21,13 +21,13 @@ import { findCatalogModel, WAN21_1_3B_ID, WAN21_SHAPE } from "../catalog/models.
 import type { EngineClient, EngineFactory } from "../engine/client.ts";
 import { KinoError, toKinoError } from "../errors.ts";
 import type { Device, DeviceInfo, DType, EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../protocol/engine.ts";
-import { jobFieldsOf, memorySpecOf } from "../planner/execute.ts";
+import { jobFieldsOf, memorySpecOf, runtimeFieldsOf } from "../planner/execute.ts";
 import { H100_80GB, type HardwareProfile } from "../planner/hardware.ts";
 import { corrections, PeakLog, peakRecords } from "../planner/learn.ts";
 import { checkpointManifest } from "../planner/checkpoint-manifest.ts";
 import { modelManifest } from "../planner/manifest.ts";
 import { DEFAULT_MARGIN, describeDecode, describePlacement, plan, type Plan } from "../planner/plan.ts";
-import { parseByteSize, parseMemoryLevel } from "./plan.ts";
+import { parseByteSize, parseMemoryLevel, parseWeights } from "./plan.ts";
 import {
   checkNumbers,
   checkOutputs,
@@ -109,6 +109,7 @@ export async function prepareGenerate(input: GenerateOptions, deps: Pick<Generat
     ref.kind === "auto" ? null : await resolveModel(ref, { modelsDir: deps.config.modelsDir, randomWeights: options.randomWeights });
   // Budget flags are checked now (their meaning on this machine waits for the engine's hello).
   if (options.vram !== undefined) parseByteSize(options.vram, "vram");
+  parseWeights(options.precision);
   if (options.ram !== undefined) parseByteSize(options.ram, "ram");
   parseMemoryLevel(options.memoryLevel);
   const outputs = await checkOutputs(options, deps.cwd);
@@ -151,7 +152,8 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
     if (planned !== null) notice(describeRun(planned));
     if (model.needsMakeTiny && model.path !== null) await makeTinyOnce(model.path, deps, notice, signal);
     let job = planned === null ? baseJob : { ...baseJob, ...jobFieldsOf(planned) };
-    let spec = planned === null ? baseSpec : { ...baseSpec, memory: memorySpecOf(planned) };
+    const planSpec = (p: Plan): ModelSpec => ({ ...baseSpec, runtime: { ...baseSpec.runtime!, ...runtimeFieldsOf(p) }, memory: memorySpecOf(p) });
+    let spec = planned === null ? baseSpec : planSpec(planned);
     throwIfCancelled(signal);
     let load = await cancellableLoad(engine, spec, hooks);
     throwIfCancelled(signal);
@@ -168,7 +170,7 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
       notice(`out of memory during ${toKinoError(err).phase ?? "the run"}; retrying once with a safer plan (${Math.round(OOM_RETRY_MARGIN * 100)}% of the budget kept free): ${describeRun(safer)}`);
       plan = safer;
       job = { ...baseJob, ...jobFieldsOf(safer) };
-      spec = { ...baseSpec, memory: memorySpecOf(safer) };
+      spec = planSpec(safer);
       load = await cancellableLoad(engine, spec, hooks);
       result = await engine.generate(job, { onEvent: hooks.onEvent, signal });
     }
@@ -225,13 +227,13 @@ export async function planRun(
   // A catalog architecture, or the configs of a checkpoint folder (real weights); the tiny model is not planned.
   const plannable = architecture !== null || (model.path !== null && !model.tiny && !model.randomWeights);
   if (device !== "cuda" || gpu === undefined || !plannable) {
-    if (options.vram !== undefined || options.memoryLevel !== undefined) {
+    if (options.vram !== undefined || options.memoryLevel !== undefined || options.precision !== undefined) {
       throw new KinoError(
         "INVALID_ARGUMENT",
         device !== "cuda" || gpu === undefined
-          ? "--vram and --memory-level plan GPU memory; this run is on the CPU"
+          ? "--vram, --memory-level and --precision plan GPU runs; this run is on the CPU"
           : `${model.name} has no full-size architecture to plan (budgets apply to wan2.1-t2v-1.3b and wan2.1-t2v-14b)`,
-        { field: options.vram !== undefined ? "vram" : "memoryLevel" },
+        { field: options.vram !== undefined ? "vram" : options.memoryLevel !== undefined ? "memoryLevel" : "precision" },
       );
     }
     return null;
@@ -251,6 +253,7 @@ export async function planRun(
     ram: options.ram === undefined ? undefined : parseByteSize(options.ram, "ram"),
     memoryLevel: parseMemoryLevel(options.memoryLevel),
     margin,
+    weights: parseWeights(options.precision),
     corrections: corrections(records, manifest.id, hardware.name),
   };
   return plan(manifest, hardware, { width: job.width, height: job.height, frames: job.frames, steps: job.steps, guidance: job.guidance }, budget);
@@ -261,7 +264,9 @@ function describeRun(p: Plan): string {
   const t = p.placement;
   return (
     `plan: text encoder ${describePlacement(t.textEncoder)}, transformer ${describePlacement(t.transformer)}, VAE ${describePlacement(t.vae)}, ` +
-    `decode ${describeDecode(p.vaeDecode)}, CFG ${p.cfg}; predicted peak ${gib(p.predicted.peakVram)} of ${gib(p.budget.vram)}, ${p.predicted.secondsPerStep.toFixed(2)} s/step`
+    `decode ${describeDecode(p.vaeDecode)}, CFG ${p.cfg}` +
+    (p.weights === "exact" ? "" : `, linears ${p.weights} (lossy: ${(p.weightsError * 100).toFixed(1)}% from exact)`) +
+    `; predicted peak ${gib(p.predicted.peakVram)} of ${gib(p.budget.vram)}, ${p.predicted.secondsPerStep.toFixed(2)} s/step`
   );
 }
 

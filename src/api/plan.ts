@@ -7,7 +7,7 @@ import { findCatalogModel, catalogIds, WAN21_480P_DEFAULTS, WAN21_SHAPE, type Jo
 import { checkpointManifest } from "../planner/checkpoint-manifest.ts";
 import { KinoError } from "../errors.ts";
 import { findHardwarePreset, GiB, HARDWARE_PRESETS, type HardwareProfile } from "../planner/hardware.ts";
-import { modelManifest, type ModelManifest } from "../planner/manifest.ts";
+import { modelManifest, WEIGHT_MODES, type ModelManifest, type WeightMode } from "../planner/manifest.ts";
 import { plan, type MemoryLevel, type Plan } from "../planner/plan.ts";
 import { parseSize } from "./generate-options.ts";
 
@@ -25,6 +25,8 @@ export interface PlanOptions {
   readonly ram?: string;
   /** "0".."3" or "auto". @default "auto" */
   readonly memoryLevel?: string;
+  /** exact, a low-bit mode (fp8, int8, …) or auto. @default exact */
+  readonly precision?: string;
   /** A named hardware profile. @default "h100-80gb" */
   readonly gpu?: string;
 }
@@ -49,6 +51,13 @@ export function parseByteSize(value: string, field: string): number {
   const bytes = Number(match[1]) * UNITS[unit]!;
   if (!(bytes > 0)) throw invalid(field, `must be above 0; got "${value}"`);
   return bytes;
+}
+
+/** "--precision": exact, a low-bit mode, or auto; undefined keeps exact. */
+export function parseWeights(value: string | undefined): WeightMode | "auto" | undefined {
+  if (value === undefined) return undefined;
+  if (value === "auto" || (WEIGHT_MODES as readonly string[]).includes(value)) return value as WeightMode | "auto";
+  throw invalid("precision", `must be one of ${[...WEIGHT_MODES, "auto"].join(", ")}; got "${value}"`);
 }
 
 export function parseMemoryLevel(value: string | undefined): MemoryLevel | "auto" {
@@ -92,6 +101,7 @@ function planWith(manifest: ModelManifest, d: JobDefaults, shape: ShapeRules, o:
     vram: o.vram === undefined ? undefined : parseByteSize(o.vram, "vram"),
     ram: o.ram === undefined ? undefined : parseByteSize(o.ram, "ram"),
     memoryLevel: parseMemoryLevel(o.memoryLevel),
+    weights: parseWeights(o.precision),
   };
   return { plan: plan(manifest, hardware, { width, height, frames, steps, guidance }, budget), manifest, hardware };
 }

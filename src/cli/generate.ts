@@ -20,6 +20,7 @@ interface GenerateFlags extends JobShapeFlags {
   vram?: string;
   ram?: string;
   memoryLevel?: string;
+  precision?: string;
   framesDir?: string;
   out: string;
   json?: boolean;
@@ -39,6 +40,7 @@ export function generateCommand(ctx: CliContext): Command {
     .option("--vram <size>", "VRAM budget, e.g. 12GB: the planner keeps the run under it (default: the GPU's free memory)")
     .option("--ram <size>", "host RAM budget, e.g. 32GB (default: the machine's)")
     .option("--memory-level <level>", "0 all resident … 3 transformer streamed, or auto (the planner chooses)")
+    .option("--precision <mode>", "the transformer's linears on a GPU: exact (default), fp8, fp8-weight, int8, int8-dynamic (lossy), or auto (exact unless it does not fit)")
     .option("--random-weights", "build the catalog model's architecture with random weights: for timings only, the video is noise")
     .option("--frames-dir <dir>", "also write the frames as PNGs into this new or empty folder")
     .requiredOption("--out <file.mp4>", "the video to write (H.264 MP4)")
@@ -57,6 +59,7 @@ export function generateCommand(ctx: CliContext): Command {
         vram: flags.vram,
         ram: flags.ram,
         memoryLevel: flags.memoryLevel,
+        precision: flags.precision,
         out: flags.out,
         framesDir: flags.framesDir,
       };

@@ -1,6 +1,7 @@
 /** `kino plan`: the plan for a request on a GPU under a budget, as a table or JSON; no weights, no engine. */
 import { Command } from "commander";
 import { planModelOrFolder, type PlanResult } from "../api/plan.ts";
+import { withWeights } from "../planner/manifest.ts";
 import { GiB } from "../planner/hardware.ts";
 import { describeDecode, describePlacement, PLAN_PHASES, type PlanPhase } from "../planner/plan.ts";
 import type { CliContext } from "./context.ts";
@@ -15,6 +16,7 @@ interface PlanFlags {
   vram?: string;
   ram?: string;
   memoryLevel?: string;
+  precision?: string;
   gpu?: string;
   json?: boolean;
 }
@@ -30,6 +32,7 @@ export function planCommand(ctx: CliContext): Command {
     .option("--vram <size>", "VRAM budget, e.g. 12GB (GB = GiB; default: the GPU's free VRAM)")
     .option("--ram <size>", "host RAM budget, e.g. 32GB (default: the machine's)")
     .option("--memory-level <level>", "0 all resident, 1 VAE tiled, 2 + text encoder on CPU, 3 + transformer streamed, or auto", "auto")
+    .option("--precision <mode>", "the transformer's linears: exact, fp8, fp8-weight, int8, int8-dynamic, or auto (exact unless it does not fit)")
     .option("--gpu <profile>", "hardware profile: h100-80gb or rtx4090-24gb", "h100-80gb")
     .option("--json", "print the plan as one JSON object on stdout")
     .action(async (flags: PlanFlags) => {
@@ -42,6 +45,7 @@ export function planCommand(ctx: CliContext): Command {
         vram: flags.vram,
         ram: flags.ram,
         memoryLevel: flags.memoryLevel,
+        precision: flags.precision,
         gpu: flags.gpu,
       }, ctx.cwd);
       ctx.io.stdout(flags.json ? JSON.stringify({ ok: true, plan: result.plan }) + "\n" : planTable(result));
@@ -53,7 +57,8 @@ const secs = (s: number) => (s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`)
 const PHASE_NAMES: Readonly<Record<PlanPhase, string>> = { textEncode: "text encode", denoise: "denoise", decode: "VAE decode" };
 
 /** The plan as the CLI prints it: placements, then phases, then the reasons. */
-export function planTable({ plan: p, manifest: m }: PlanResult): string {
+export function planTable({ plan: p, manifest: exact }: PlanResult): string {
+  const m = withWeights(exact, p.weights); // the transformer's bytes as the plan stores them
   const r = p.request;
   const rows = (table: string[][]) => {
     const widths = table[0]!.map((_, i) => Math.max(...table.map((row) => row[i]!.length)));

@@ -28,6 +28,11 @@ export function jobFieldsOf(plan: Plan): Pick<JobSpec, "vaeDecode" | "cfg"> {
   };
 }
 
+/** The runtime fields a plan sets: how the transformer's linears are stored. */
+export function runtimeFieldsOf(plan: Plan): { weights: Plan["weights"] } {
+  return { weights: plan.weights };
+}
+
 /** Whether two plans load the model the same way (placements and cap), so a loaded engine can serve both. */
 export function sameMemory(a: MemorySpec, b: MemorySpec): boolean {
   return JSON.stringify(a) === JSON.stringify(b);

@@ -53,9 +53,15 @@ export interface TextEncoderManifest extends ComponentManifest {
   readonly width: number;
 }
 
+/** How the transformer's block linears are stored (engine RuntimeOptions.weights; kino_engine/quant). */
+export type WeightMode = "exact" | "fp8" | "fp8-weight" | "int8" | "int8-dynamic";
+export const WEIGHT_MODES: readonly WeightMode[] = ["exact", "fp8", "fp8-weight", "int8", "int8-dynamic"];
+
 export interface ModelManifest {
   readonly id: string;
   readonly dtype: WeightDtype;
+  /** The transformer's block linears: exact (the dtype) or a low-bit mode. @default "exact" */
+  readonly weights?: WeightMode;
   readonly textEncoder: TextEncoderManifest;
   readonly transformer: TransformerManifest;
   readonly vae: ComponentManifest;
@@ -137,5 +143,25 @@ export function modelManifest(id: string, architecture: Pick<WanArchitecture, "t
     textEncoder: umt5EncoderManifest(architecture.textEncoder, dtype),
     transformer: transformerManifest(architecture.transformer, dtype),
     vae: { params: WAN21_VAE_PARAMS, bytes: WAN21_VAE_PARAMS * DTYPE_BYTES[dtype] },
+  };
+}
+
+/**
+ * The manifest with the transformer's block linears stored in `mode`: one byte per weight plus an
+ * fp32 scale per output channel (q, k, v, o of both attentions and the FFN's two projections);
+ * biases, norms, modulation and everything outside the blocks stay in the dtype (quant/policy.py).
+ */
+export function withWeights(m: ModelManifest, mode: WeightMode): ModelManifest {
+  if (mode === "exact") return { ...m, weights: "exact" };
+  const t = m.transformer;
+  const { width: d, ffnWidth: f } = t.shape;
+  const linearWeights = 8 * d * d + 2 * d * f;
+  const scales = (8 * d + f + d) * 4;
+  const b = DTYPE_BYTES[m.dtype];
+  const blockBytes = (t.blockParams - linearWeights) * b + linearWeights + scales;
+  return {
+    ...m,
+    weights: mode,
+    transformer: { ...t, blockBytes, bytes: t.shape.layers * blockBytes + t.restBytes },
   };
 }

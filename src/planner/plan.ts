@@ -19,7 +19,7 @@
  */
 import { KinoError } from "../errors.ts";
 import { GiB, type HardwareProfile } from "./hardware.ts";
-import type { ModelManifest } from "./manifest.ts";
+import { withWeights, type ModelManifest, type WeightMode } from "./manifest.ts";
 
 export interface PlanRequest {
   readonly width: number;
@@ -41,6 +41,12 @@ export interface PlanBudget {
   readonly memoryLevel?: MemoryLevel | "auto";
   /** Fraction of the VRAM budget kept free for what the model does not predict. @default 0.1 */
   readonly margin?: number;
+  /**
+   * The transformer's block linears: "exact", a low-bit mode, or "auto" (exact when it fits, else the
+   * lowest-error low-bit mode that does). Low-bit modes are lossy; each carries its measured error.
+   * @default "exact"
+   */
+  readonly weights?: WeightMode | "auto";
   /**
    * Factors on each phase's predicted peak VRAM, learned from the peaks measured on this machine
    * (planner/learn.ts). @default none (1)
@@ -98,6 +104,10 @@ export interface Plan {
     readonly secondsPerStep: number;
     readonly phases: Readonly<Record<PlanPhase, PhasePrediction>>;
   };
+  /** How the transformer's block linears are stored (the engine's RuntimeOptions.weights). */
+  readonly weights: WeightMode;
+  /** The relative L2 error of a forward in that mode against exact, as measured (0 for exact). */
+  readonly weightsError: number;
   /** The learned factors applied to the phases' predicted peaks (empty: none). */
   readonly corrections: PhaseCorrections;
   /** Every decision with its reason, in the order they were made. */
@@ -162,6 +172,20 @@ const FORWARD_FIXED_SECONDS = 0.01;
 
 /** Per streamed block and forward: recording and waiting on the copy's event, launching the copy. An estimate, not yet measured. */
 const STREAM_BLOCK_SECONDS = 0.001;
+
+/**
+ * Per low-bit mode: the linears' speed-up and a forward's relative L2 error against exact, measured on
+ * the H100 (docs/benchmarks.md: FP8 GEMMs 1.26–1.44× compiled at Wan 14B shapes, a whole 14B 720p
+ * forward 1.05× at 4.4% error; the weight-only modes dequantize on use and run at bf16 speed, their
+ * errors are the GEMM-level ones, a forward's not yet measured). Auto tries them in this order.
+ */
+export const WEIGHT_COSTS: Readonly<Record<WeightMode, { readonly linearSpeedup: number; readonly error: number; readonly basis: string }>> = {
+  exact: { linearSpeedup: 1, error: 0, basis: "exact" },
+  int8: { linearSpeedup: 1, error: 0.0092, basis: "a linear layer's output, measured" },
+  "int8-dynamic": { linearSpeedup: 1, error: 0.0127, basis: "a linear layer's output, measured" },
+  "fp8-weight": { linearSpeedup: 1, error: 0.0266, basis: "a linear layer's output, measured" },
+  fp8: { linearSpeedup: 1.35, error: 0.044, basis: "a 14B forward's output, measured" },
+};
 
 /** Host bytes of the Python process with torch and CUDA loaded, before any weights. */
 const HOST_BASE = 3 * GiB;
@@ -264,7 +288,8 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
 
   // Denoise.
   const flops = blockFlops(m, tokens);
-  const blockCompute = batch * (flops.linear / hw.gemmFlops + flops.attention / hw.attentionFlops) * FORWARD_OVER_FLOOR;
+  const linearRate = hw.gemmFlops * WEIGHT_COSTS[m.weights ?? "exact"].linearSpeedup;
+  const blockCompute = batch * (flops.linear / linearRate + flops.attention / hw.attentionFlops) * FORWARD_OVER_FLOOR;
   const blockTransfer = t.blockBytes / hw.h2d;
   let forward = layers * blockCompute;
   if (c.transformer.kind === "streamed") {
@@ -403,9 +428,29 @@ export function describeDecode(d: VaeDecode): string {
  * and whose host RAM (and pinned memory) fits. Throws INFEASIBLE naming the smallest budget that works.
  */
 export function plan(manifest: ModelManifest, hardware: HardwareProfile, request: PlanRequest, budget: PlanBudget = {}): Plan {
+  const asked = budget.weights ?? "exact";
+  if (asked !== "auto") return planOne(withWeights(manifest, asked), hardware, request, budget, []);
+  // Auto: exact when it fits; else the lowest-error low-bit mode that does (WEIGHT_COSTS' order).
+  let last: unknown;
+  const tried: string[] = [];
+  for (const mode of Object.keys(WEIGHT_COSTS) as WeightMode[]) {
+    try {
+      const cost = WEIGHT_COSTS[mode];
+      const why = tried.length === 0 ? [] : [`weights ${mode}: ${tried.join("; ")}; ${mode} is lossy (${cost.basis} ${(cost.error * 100).toFixed(1)}% from exact)`];
+      return planOne(withWeights(manifest, mode), hardware, request, budget, why);
+    } catch (err) {
+      if (!(err instanceof KinoError) || err.code !== "INFEASIBLE") throw err;
+      last = err; // the last mode is the most compact: its error names the smallest budget of all
+      tried.push(`${mode} does not fit`);
+    }
+  }
+  throw last;
+}
+
+function planOne(manifest: ModelManifest, hardware: HardwareProfile, request: PlanRequest, budget: PlanBudget, prior: readonly string[]): Plan {
   const level = budget.memoryLevel ?? "auto";
   const margin = budget.margin ?? DEFAULT_MARGIN;
-  const reasons: string[] = [];
+  const reasons: string[] = [...prior];
   const askedVram = budget.vram ?? hardware.vramFree;
   const vram = Math.min(askedVram, hardware.vramFree);
   if (askedVram > hardware.vramFree) reasons.push(`VRAM budget ${gib(askedVram)} capped at the ${hardware.name}'s free ${gib(hardware.vramFree)}`);
@@ -459,6 +504,8 @@ export function plan(manifest: ModelManifest, hardware: HardwareProfile, request
       secondsPerStep: chosen.secondsPerStep,
       phases: chosen.phases,
     },
+    weights: manifest.weights ?? "exact",
+    weightsError: WEIGHT_COSTS[manifest.weights ?? "exact"].error,
     corrections,
     reasons,
   };

@@ -82,6 +82,10 @@ export const RuntimeSpec = z.object({
   compile: z.boolean(),
   /** Where the attention choice and the compiled kernels persist across processes; null keeps nothing. */
   cacheDir: z.string().min(1).nullable(),
+  /** The transformer's block linears: exact, or a lossy low-bit mode (kino_engine/quant). @default "exact" */
+  weights: z.enum(["exact", "fp8", "fp8-weight", "int8", "int8-dynamic"]).optional(),
+  /** Self-attention: exact, or kino's lossy low-bit kernel "<QK>-<PV>". @default "exact" */
+  attentionPrecision: z.enum(["exact", "int8-fp8", "int8-bf16", "fp8-fp8", "fp8-bf16"]).optional(),
 });
 export type RuntimeSpec = z.infer<typeof RuntimeSpec>;
 
