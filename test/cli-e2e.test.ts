@@ -143,6 +143,21 @@ describe("bin/kino on the tiny model, CPU", { timeout: 180_000 }, () => {
     assert.ok(existsSync(join(home, "own-tiny", "kino_tiny.json")));
   });
 
+  test("quantize writes an INT8 copy that generate loads as written; an existing folder is refused", async () => {
+    const q = await kino(["quantize", "own-tiny", "own-tiny-int8", "--mode", "int8", "--no-hash", "--json"], home);
+    assert.equal(q.code, 0, q.stderr);
+    const doc = JSON.parse(q.stdout) as { ok: boolean; mode: string; modules: number };
+    assert.deepEqual([doc.ok, doc.mode], [true, "int8"]);
+    assert.ok(doc.modules > 0, "some linears were quantized");
+    assert.ok(existsSync(join(home, "own-tiny-int8", "transformer", "kino_quant.json")));
+    const g = await kino(["generate", "--model", "own-tiny-int8", "--prompt", "a fox", "--size", "64x48", "--frames", "5", "--steps", "2", "--out", "q.mp4", "--json"], home);
+    assert.equal(g.code, 0, g.stderr);
+    assert.equal((await probeVideo(join(home, "q.mp4"))).frames, 5);
+    const again = await kino(["quantize", "own-tiny", "own-tiny-int8", "--mode", "int8"], home);
+    assert.notEqual(again.code, 0);
+    assert.match(again.stderr, /already exists/);
+  });
+
   test("models list --json shows tiny present", async () => {
     const r = await kino(["models", "list", "--json"], home);
     assert.equal(r.code, 0, r.stderr);

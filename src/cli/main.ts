@@ -24,6 +24,7 @@ import { generateCommand } from "./generate.ts";
 import { modelsCommand } from "./models.ts";
 import { planCommand } from "./plan.ts";
 import { profileCommand } from "./profile.ts";
+import { quantizeCommand } from "./quantize.ts";
 import { serveCommand } from "./serve.ts";
 
 /** Every command, one file each. */
@@ -36,6 +37,7 @@ const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [
   profileCommand,
   planCommand,
   serveCommand,
+  quantizeCommand,
 ];
 
 /** Exit status of a command line the parser refused (unknown flag, missing value). */

@@ -29,7 +29,9 @@ export async function pythonModuleCommand(
     const fix = config.pythonFromEnv ? "point KINO_PYTHON at a Python with the engine's requirements" : "run scripts/setup.sh";
     throw new KinoError("ENGINE_UNAVAILABLE", `the engine's Python ${config.python} is missing; ${fix}`);
   }
-  const source = join(config.engineDir, ...module.split(".")) + ".py";
+  // A module is a file (kino_engine/bench.py) or a package run through its __main__ (kino_engine/quant/).
+  const base = join(config.engineDir, ...module.split("."));
+  const source = (await access(base + ".py").then(() => true, () => false)) ? base + ".py" : join(base, "__main__.py");
   const present = await access(source).then(() => true, () => false);
   if (!present) {
     throw new KinoError("ENGINE_UNAVAILABLE", `the engine's source ${source} is missing; this install of kino is incomplete`);
