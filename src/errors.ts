@@ -44,6 +44,8 @@ const controlPlaneCodes = {
   ENGINE_STALLED: { exit: 1, http: 504 },
   /** A request was made of (or pending on) an engine that was closed. */
   ENGINE_CLOSED: { exit: 1, http: 503 },
+  /** The engine does not know a request this control plane sent (it predates it, e.g. probe). */
+  ENGINE_TOO_OLD: { exit: 1, http: 500, hint: "the engine comes from an older kino; run scripts/setup.sh so both match" },
   /** A one-shot engine tool (make-tiny, pull) failed. */
   TOOL_FAILED: { exit: 1, http: 500 },
   /** The system ffmpeg/ffprobe is missing or failed. */

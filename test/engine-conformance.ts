@@ -15,6 +15,7 @@ import {
   HelloResult,
   LoadResult,
   PROTOCOL_VERSION,
+  ProbeResult,
   type EngineEvent,
   type JobSpec,
   type ModelSpec,
@@ -109,6 +110,22 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
       assert.equal(hello.protocol, PROTOCOL_VERSION);
       assert.equal(hello.encoder.h264, true, "the engine must be able to write H.264");
       assert.ok(hello.hostRamBytes > 0);
+    });
+
+    test("probe measures the engine's device: a valid result, GPU fields as hello's devices say", async () => {
+      const hello = await engine.hello();
+      const probe = ProbeResult.parse(await engine.probe({ quick: true }));
+      assert.equal(probe.quick, true);
+      assert.ok(probe.hostRamBytes > 0 && probe.pinnedLimitBytes > 0 && probe.pinnedLimitBytes <= probe.hostRamBytes);
+      assert.ok(probe.cpuGemm.flopsPerS > 0, "the host's GEMM rate is measured everywhere");
+      const gpu = hello.devices[0];
+      if (gpu === undefined) {
+        assert.equal(probe.device, "cpu");
+        assert.deepEqual([probe.vramTotalBytes, probe.h2dBytesPerS, probe.gemm, probe.attention], [null, null, [], []], "no GPU: its fields are null or empty");
+      } else {
+        assert.equal(probe.name, gpu.name, "the probe measures the device hello reports first");
+        assert.ok(probe.h2dBytesPerS !== null && probe.gemm.length > 0 && probe.attention.length > 0);
+      }
     });
 
     test("generate before load answers MODEL_NOT_LOADED", async () => {

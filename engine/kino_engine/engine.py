@@ -31,6 +31,7 @@ from .protocol import (
     step_event,
 )
 from .pipelines.wan import WanT2V
+from .probe import measure
 from .runtime.memory import (
     PeakRam,
     free_device_memory,
@@ -107,6 +108,13 @@ class Engine:
         freed = self.prompt_cache.clear()
         free_device_memory()
         return {"freedBytes": freed}
+
+    def probe(self, quick: bool, emit: Emit) -> dict[str, Any]:
+        """This machine's measured hardware profile (probe.py); the loaded model, if any, stays."""
+        try:
+            return run_classified(lambda: None, lambda: measure(quick, emit))
+        finally:
+            free_device_memory()
 
     def load(self, spec: ModelSpec, emit: Emit) -> dict[str, Any]:
         # The previous model goes first: two full models rarely fit in one device at once.

@@ -7,8 +7,11 @@ sizes torch's CPU thread pool to the CPUs this process may run on (cgroup/affini
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
+import re
+from pathlib import Path
 from typing import Any
 
 import av
@@ -84,6 +87,26 @@ def cuda_devices() -> list[dict[str, Any]]:
     return devices
 
 
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version ("550.54.15"), or the CUDA driver API's ("cuda 12.4"); None without one."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+        match = re.search(r"Kernel Module(?: for [\w-]+)?\s+([0-9][0-9.]*)", text)
+        if match:
+            return match.group(1)
+    except OSError:
+        pass
+    if not torch.cuda.is_available():
+        return None
+    try:
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return f"cuda {version.value // 1000}.{version.value % 1000 // 10}"
+    except OSError:  # not Linux, or no libcuda where torch found a device: leave it unknown
+        pass
+    return None
+
+
 def hello_info() -> dict[str, Any]:
     """Versions, devices and host RAM, with the HelloResult's field names (protocol excluded)."""
     memory = psutil.virtual_memory()
@@ -98,4 +121,5 @@ def hello_info() -> dict[str, Any]:
         "devices": cuda_devices(),
         "hostRamBytes": int(memory.total),
         "hostRamAvailableBytes": int(memory.available),
+        "driver": driver_version(),
     }

@@ -41,6 +41,7 @@ from .protocol import (
     GenerateRequest,
     HelloRequest,
     LoadRequest,
+    ProbeRequest,
     Request,
     ShutdownRequest,
     decode_line,
@@ -216,6 +217,8 @@ class Worker:
             return self.engine.generate(request.job, emit, token)
         if isinstance(request, ClearCacheRequest):
             return self.engine.clear_cache()
+        if isinstance(request, ProbeRequest):
+            return self.engine.probe(request.quick, emit)
         raise EngineFailure("BAD_REQUEST", f"{request.type} cannot be queued", field="type")
 
 

@@ -11,6 +11,7 @@ import type {
   JobSpec,
   LoadResult,
   ModelSpec,
+  ProbeResult,
 } from "../protocol/engine.ts";
 
 export interface RequestOptions {
@@ -23,6 +24,11 @@ export interface RequestOptions {
   signal?: AbortSignal;
 }
 
+export interface ProbeOptions {
+  /** Fewer repeats and smaller copies (about 2 s) instead of the full measurement (about 10 s). @default false */
+  quick?: boolean;
+}
+
 export interface EngineClient {
   /** Versions, devices and host memory; checks that the engine speaks our protocol version. */
   hello(): Promise<HelloResult>;
@@ -32,6 +38,11 @@ export interface EngineClient {
   generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult>;
   /** Drops the engine's cached prompt embeddings (after the jobs before it); says how many bytes they held. */
   clearCache(): Promise<ClearCacheResult>;
+  /**
+   * Measures the hardware profile of the engine's device (after the jobs before it).
+   * @throws KinoError ENGINE_TOO_OLD where the engine predates the request.
+   */
+  probe(options?: ProbeOptions): Promise<ProbeResult>;
   /**
    * Asks the engine to shut down and waits for it, killing it after a grace period. Idempotent.
    * A running generate ends with CANCELLED (ENGINE_CLOSED where the engine had to be killed);

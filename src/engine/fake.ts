@@ -7,7 +7,7 @@
  */
 import { constants } from "node:fs";
 import { access, readdir, stat } from "node:fs/promises";
-import { freemem, totalmem } from "node:os";
+import { cpus, freemem, totalmem } from "node:os";
 import { dirname } from "node:path";
 import { z } from "zod";
 import { inspectCheckpoint } from "../catalog/checkpoint.ts";
@@ -25,8 +25,9 @@ import {
   type HelloResult,
   type LoadResult,
   type Phase,
+  type ProbeResult,
 } from "../protocol/engine.ts";
-import type { EngineClient, RequestOptions } from "./client.ts";
+import type { EngineClient, ProbeOptions, RequestOptions } from "./client.ts";
 
 export interface FakeEngineOptions {
   /** GPUs the fake reports; with none, `cuda` is unavailable. @default [] */
@@ -35,6 +36,8 @@ export interface FakeEngineOptions {
   stepMs?: number;
   /** @default "ffmpeg" */
   ffmpeg?: string;
+  /** What probe answers (its `quick` is the request's); @default made-up rates for the first device, or the host alone */
+  probe?: ProbeResult;
 }
 
 /** The model's native frame rate the fake reports (Wan's). */
@@ -46,6 +49,7 @@ export class FakeEngine implements EngineClient {
   readonly #devices: DeviceInfo[];
   readonly #stepMs: number;
   readonly #ffmpeg: string;
+  readonly #probe: ProbeResult | undefined;
   #loaded: ModelSpec | null = null;
   /** Prompts "encoded" since the model was loaded, as the engine's embedding cache keeps them. */
   #cachedPrompts = new Set<string>();
@@ -57,6 +61,7 @@ export class FakeEngine implements EngineClient {
     this.#devices = options.devices ?? [];
     this.#stepMs = options.stepMs ?? 5;
     this.#ffmpeg = options.ffmpeg ?? "ffmpeg";
+    this.#probe = options.probe;
   }
 
   async hello(): Promise<HelloResult> {
@@ -91,6 +96,14 @@ export class FakeEngine implements EngineClient {
       const freedBytes = this.#cachedPrompts.size * FAKE_EMBEDDING_BYTES;
       this.#cachedPrompts.clear();
       return { freedBytes };
+    });
+  }
+
+  probe(options: ProbeOptions = {}): Promise<ProbeResult> {
+    return this.#serial(async () => {
+      this.#checkOpen();
+      const quick = options.quick ?? false;
+      return { ...(this.#probe ?? fakeProbe(this.#devices[0], quick)), quick };
     });
   }
 
@@ -224,6 +237,48 @@ export class FakeEngine implements EngineClient {
       cache,
     };
   }
+}
+
+/** A probe answer with made-up rates (an H100-like GPU where there is one); the host's memory is real. */
+function fakeProbe(gpu: DeviceInfo | undefined, quick: boolean): ProbeResult {
+  const gemm = (m: number, n: number, k: number, flopsPerS: number) => ({ m, n, k, dtype: "bfloat16" as const, seconds: (2 * m * n * k) / flopsPerS, flopsPerS });
+  const attention = (heads: number, flopsPerS: number) => ({
+    heads,
+    tokens: 32760,
+    headDim: 128,
+    dtype: "bfloat16" as const,
+    backend: "cudnn",
+    seconds: (4 * heads * 32760 ** 2 * 128) / flopsPerS,
+    flopsPerS,
+    byBackend: { cudnn: flopsPerS, flash: flopsPerS * 0.9, efficient: flopsPerS * 0.5 },
+  });
+  const onGpu = gpu !== undefined;
+  return {
+    device: onGpu ? "cuda" : "cpu",
+    index: gpu?.index ?? null,
+    name: gpu?.name ?? "fake CPU",
+    capability: gpu?.capability ?? null,
+    driver: onGpu ? "fake" : null,
+    torch: "none",
+    cuda: onGpu ? "fake" : null,
+    vramTotalBytes: gpu?.totalBytes ?? null,
+    vramFreeBytes: gpu?.freeBytes ?? null,
+    hostRamBytes: totalmem(),
+    hostRamAvailableBytes: freemem(),
+    memoryLimitBytes: null,
+    memlockBytes: null,
+    pinnedLimitBytes: Math.floor(totalmem() / 2),
+    h2dBytesPerS: onGpu ? 50e9 : null,
+    d2hBytesPerS: onGpu ? 50e9 : null,
+    h2dPageableBytesPerS: onGpu ? 20e9 : null,
+    transferBytes: onGpu ? 2 ** 30 : null,
+    gemm: onGpu ? [gemm(32760, 1536, 1536, 600e12), gemm(32760, 5120, 5120, 750e12)] : [],
+    attention: onGpu ? [attention(12, 500e12), attention(40, 550e12)] : [],
+    cpuGemm: gemm(512, 4096, 4096, 1e12),
+    cpuThreads: Math.max(1, cpus().length),
+    quick,
+    ms: 0,
+  };
 }
 
 /** Validates a request body as the real engine does: a mismatch is the control plane's bug. */

@@ -24,9 +24,10 @@ import {
   type JobSpec,
   type LoadResult,
   type ModelSpec,
+  type ProbeResult,
   type RequestType,
 } from "../protocol/engine.ts";
-import type { EngineClient, RequestOptions } from "./client.ts";
+import type { EngineClient, ProbeOptions, RequestOptions } from "./client.ts";
 import { pythonModuleCommand, type ProcessCommand } from "./python.ts";
 import { OutputTail } from "./stderr-tail.ts";
 
@@ -170,6 +171,18 @@ export class SubprocessEngine implements EngineClient {
 
   clearCache(): Promise<ClearCacheResult> {
     return this.#request("clear_cache", {});
+  }
+
+  async probe(options: ProbeOptions = {}): Promise<ProbeResult> {
+    try {
+      return await this.#request("probe", { quick: options.quick ?? false });
+    } catch (err) {
+      // An engine older than the request answers, as for any type it does not know, BAD_REQUEST on "type".
+      if (err instanceof KinoError && err.code === "BAD_REQUEST" && err.field === "type") {
+        throw new KinoError("ENGINE_TOO_OLD", `the engine does not know the probe request (${err.message})`, { cause: err });
+      }
+      throw err;
+    }
   }
 
   close(): Promise<void> {

@@ -166,6 +166,16 @@ export const CancelRequest = z.object({ type: z.literal("cancel"), id: Id, targe
 /** Drops the engine's cached prompt embeddings (e.g. to give their device memory back). */
 export const ClearCacheRequest = z.object({ type: z.literal("clear_cache"), id: Id });
 export const ShutdownRequest = z.object({ type: z.literal("shutdown"), id: Id });
+/**
+ * Measures this machine's hardware profile (ProbeResult) on the engine's device; queued behind jobs.
+ * Engines that predate it answer BAD_REQUEST on the field "type" (the client reports ENGINE_TOO_OLD).
+ */
+export const ProbeRequest = z.object({
+  type: z.literal("probe"),
+  id: Id,
+  /** Fewer repeats, a smaller copy and one attention shape (about 2 s) instead of the full set (about 10 s). */
+  quick: z.boolean(),
+});
 
 export const EngineRequest = z.discriminatedUnion("type", [
   HelloRequest,
@@ -174,6 +184,7 @@ export const EngineRequest = z.discriminatedUnion("type", [
   CancelRequest,
   ClearCacheRequest,
   ShutdownRequest,
+  ProbeRequest,
 ]);
 export type EngineRequest = z.infer<typeof EngineRequest>;
 export type RequestType = EngineRequest["type"];
@@ -203,6 +214,8 @@ export const HelloResult = z.object({
   devices: z.array(DeviceInfo),
   hostRamBytes: Bytes,
   hostRamAvailableBytes: Bytes,
+  /** The NVIDIA driver's version, null without one; absent from engines that predate it. */
+  driver: z.string().nullable().optional(),
 });
 export type HelloResult = z.infer<typeof HelloResult>;
 
@@ -272,6 +285,79 @@ export const ClearCacheResult = z.object({ freedBytes: Bytes });
 export type ClearCacheResult = z.infer<typeof ClearCacheResult>;
 export const ShutdownResult = z.object({});
 
+const Rate = z.number().positive();
+
+/** One matrix product timed alone: (M×K activations) · (K×N weight), 2·M·N·K FLOP. */
+export const GemmMeasure = z.object({
+  m: z.number().int().positive(),
+  n: z.number().int().positive(),
+  k: z.number().int().positive(),
+  dtype: DType,
+  /** Median seconds of one product. */
+  seconds: Rate,
+  flopsPerS: Rate,
+});
+export type GemmMeasure = z.infer<typeof GemmMeasure>;
+
+/** Exact self-attention (SDPA) at one shape, 4·heads·tokens²·headDim FLOP per call, with each backend. */
+export const AttentionMeasure = z.object({
+  heads: z.number().int().positive(),
+  tokens: z.number().int().positive(),
+  headDim: z.number().int().positive(),
+  dtype: DType,
+  /** The fastest backend and its median seconds and rate. */
+  backend: z.string(),
+  seconds: Rate,
+  flopsPerS: Rate,
+  /** The rate of each backend tried; null where it cannot run this shape. */
+  byBackend: z.record(z.string(), Rate.nullable()),
+});
+export type AttentionMeasure = z.infer<typeof AttentionMeasure>;
+
+/**
+ * The measured inputs of the planner's HardwareProfile for the engine's device (planner/probe-cache.ts
+ * maps and caches them). CUDA events, a warm-up, the median of repeats. Without a GPU the GPU fields
+ * are null (or empty) and only the host is measured.
+ */
+export const ProbeResult = z.object({
+  device: Device,
+  /** The CUDA device index; null on the CPU. */
+  index: z.number().int().nonnegative().nullable(),
+  /** The GPU's name, or the CPU's where there is no GPU. */
+  name: z.string(),
+  capability: z.string().nullable(),
+  driver: z.string().nullable(),
+  torch: z.string(),
+  cuda: z.string().nullable(),
+  vramTotalBytes: Bytes.nullable(),
+  vramFreeBytes: Bytes.nullable(),
+  hostRamBytes: Bytes,
+  hostRamAvailableBytes: Bytes,
+  /** The memory limit of the engine's cgroup (a container), where it is below the host's RAM; else null. */
+  memoryLimitBytes: Bytes.nullable(),
+  /** RLIMIT_MEMLOCK (soft); null: unlimited. Reported, not applied: CUDA's pinning is not charged to it. */
+  memlockBytes: Bytes.nullable(),
+  /** Host bytes kino may pin: half of the host RAM or of the cgroup limit (kino_engine/probe.py says why). */
+  pinnedLimitBytes: Bytes,
+  /** Copy rates in bytes/s: from and to page-locked host memory, and from ordinary (pageable) memory. */
+  h2dBytesPerS: Rate.nullable(),
+  d2hBytesPerS: Rate.nullable(),
+  h2dPageableBytesPerS: Rate.nullable(),
+  /** Bytes of each timed copy. */
+  transferBytes: Bytes.nullable(),
+  /** bf16 GEMMs at Wan shapes (tokens × width × width), smallest width first; empty without a GPU. */
+  gemm: z.array(GemmMeasure),
+  /** SDPA at Wan shapes (heads × tokens × 128), fewest heads first; empty without a GPU. */
+  attention: z.array(AttentionMeasure),
+  /** The host's GEMM at a text-encoder shape (bf16, or float32 where bf16 cannot run). */
+  cpuGemm: GemmMeasure,
+  cpuThreads: z.number().int().positive(),
+  quick: z.boolean(),
+  /** Wall time of the whole measurement. */
+  ms: z.number().nonnegative(),
+});
+export type ProbeResult = z.infer<typeof ProbeResult>;
+
 /** Which result schema answers which request. */
 export const ResultFor = {
   hello: HelloResult,
@@ -280,6 +366,7 @@ export const ResultFor = {
   cancel: CancelResult,
   clear_cache: ClearCacheResult,
   shutdown: ShutdownResult,
+  probe: ProbeResult,
 } as const;
 export type ResultFor = { [K in RequestType]: z.infer<(typeof ResultFor)[K]> };
 
