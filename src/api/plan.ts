@@ -9,6 +9,8 @@ import { KinoError } from "../errors.ts";
 import { findHardwarePreset, GiB, HARDWARE_PRESETS, type HardwareProfile } from "../planner/hardware.ts";
 import { modelManifest, WEIGHT_MODES, type ModelManifest, type WeightMode } from "../planner/manifest.ts";
 import { plan, type MemoryLevel, type Plan } from "../planner/plan.ts";
+import { hardwareFromProbe } from "../planner/probe-cache.ts";
+import type { ProbeResult } from "../protocol/engine.ts";
 import { parseSize } from "./generate-options.ts";
 
 export interface PlanOptions {
@@ -29,6 +31,8 @@ export interface PlanOptions {
   readonly precision?: string;
   /** A named hardware profile. @default "h100-80gb" */
   readonly gpu?: string;
+  /** A measurement of this machine (kino probe) to plan on instead of the named profile. */
+  readonly probe?: ProbeResult;
 }
 
 export interface PlanResult {
@@ -87,7 +91,7 @@ export function planModel(o: PlanOptions): PlanResult {
 }
 
 function planWith(manifest: ModelManifest, d: JobDefaults, shape: ShapeRules, o: PlanOptions): PlanResult {
-  const hardware = findHardwarePreset(o.gpu ?? "h100-80gb");
+  const hardware = o.probe !== undefined ? hardwareFromProbe(o.probe, { modelWidth: manifest.transformer.shape.width }) : findHardwarePreset(o.gpu ?? "h100-80gb");
   if (hardware === undefined) throw invalid("gpu", `unknown GPU profile "${o.gpu}"; known: ${HARDWARE_PRESETS.map((h) => h.name).join(", ")}`);
   const { width, height } = o.size === undefined ? { width: d.width, height: d.height } : parseSize(o.size, shape);
   const frames = o.frames ?? d.frames;

@@ -23,6 +23,7 @@ import { formatError } from "./format.ts";
 import { generateCommand } from "./generate.ts";
 import { modelsCommand } from "./models.ts";
 import { planCommand } from "./plan.ts";
+import { probeCommand } from "./probe.ts";
 import { profileCommand } from "./profile.ts";
 import { quantizeCommand } from "./quantize.ts";
 import { serveCommand } from "./serve.ts";
@@ -36,6 +37,7 @@ const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [
   benchMemoryCommand,
   profileCommand,
   planCommand,
+  probeCommand,
   serveCommand,
   quantizeCommand,
 ];

@@ -1,6 +1,7 @@
-/** `kino plan`: the plan for a request on a GPU under a budget, as a table or JSON; no weights, no engine. */
+/** `kino plan`: the plan for a request on a GPU under a budget, as a table or JSON; no weights, and no engine but for `--gpu probe`. */
 import { Command } from "commander";
 import { planModelOrFolder, type PlanResult } from "../api/plan.ts";
+import { probeMachine } from "../api/probe.ts";
 import { withWeights } from "../planner/manifest.ts";
 import { GiB } from "../planner/hardware.ts";
 import { describeDecode, describePlacement, PLAN_PHASES, type PlanPhase } from "../planner/plan.ts";
@@ -33,9 +34,10 @@ export function planCommand(ctx: CliContext): Command {
     .option("--ram <size>", "host RAM budget, e.g. 32GB (default: the machine's)")
     .option("--memory-level <level>", "0 all resident, 1 VAE tiled, 2 + text encoder on CPU, 3 + transformer streamed, or auto", "auto")
     .option("--precision <mode>", "the transformer's linears: exact, fp8, fp8-weight, int8, int8-dynamic, or auto (exact unless it does not fit)")
-    .option("--gpu <profile>", "hardware profile: h100-80gb or rtx4090-24gb", "h100-80gb")
+    .option("--gpu <profile>", "hardware profile: h100-80gb, rtx4090-24gb, or probe (this machine's GPU as kino probe measured it; measured now if not cached)", "h100-80gb")
     .option("--json", "print the plan as one JSON object on stdout")
     .action(async (flags: PlanFlags) => {
+      const probe = flags.gpu === "probe" ? (await probeMachine({ config: ctx.config, startEngine: ctx.startEngine, logger: ctx.logger })).result : undefined;
       const result = await planModelOrFolder({
         model: flags.model,
         size: flags.size,
@@ -47,6 +49,7 @@ export function planCommand(ctx: CliContext): Command {
         memoryLevel: flags.memoryLevel,
         precision: flags.precision,
         gpu: flags.gpu,
+        probe,
       }, ctx.cwd);
       ctx.io.stdout(flags.json ? JSON.stringify({ ok: true, plan: result.plan }) + "\n" : planTable(result));
     });

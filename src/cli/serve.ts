@@ -5,6 +5,7 @@
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { Command } from "commander";
+import { probeCacheFor, probingFactory } from "../api/probe.ts";
 import type { KinoConfig } from "../config/config.ts";
 import { SubprocessEngine } from "../engine/subprocess.ts";
 import { KinoError } from "../errors.ts";
@@ -27,12 +28,15 @@ export function serveCommand(ctx: CliContext): Command {
       // Decisions (engines up, keep-alive, requeues) are worth seeing on a server's console.
       const logger = createLogger(ctx.io.stderr, ctx.debug ? "debug" : "info");
       const { buildServer } = await loadServer();
+      const { openaiRoutes } = await import("../server/openai/routes.ts");
       const server = await buildServer({
         config: ctx.config,
         options,
-        startEngine: engineFactory(ctx, logger),
+        // Each GPU model is measured once (kino probe's cache); the server plans with its rates.
+        startEngine: probingFactory(engineFactory(ctx, logger), { cache: probeCacheFor(ctx.config, logger), logger }),
         makeTiny: (dir) => ctx.tools.makeTiny(dir, undefined, { logger }),
         logger,
+        routes: [openaiRoutes],
         version: packageVersion(ctx.config),
       });
       const stop = new AbortController();

@@ -15,6 +15,7 @@ import { KinoError, toKinoError } from "../../errors.ts";
 import type { DeviceInfo } from "../../protocol/engine.ts";
 import { GiB, H100_80GB, type HardwareProfile } from "../../planner/hardware.ts";
 import { modelManifest } from "../../planner/manifest.ts";
+import { measuredProfiles } from "../../planner/probe-cache.ts";
 import { DEFAULT_MARGIN, plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
 import type { JobParams } from "../schemas.ts";
 
@@ -25,10 +26,11 @@ export interface MachineFacts {
   readonly hostRamBytes: number | null;
 }
 
-/** A planner profile for a GPU an engine reported. */
+/** A planner profile for a GPU an engine reported, with its measured rates where it was probed (kino serve probes each GPU model once). */
 export function hardwareFor(gpu: DeviceInfo, hostRamBytes: number | null): HardwareProfile {
   const hostRam = hostRamBytes ?? H100_80GB.hostRam;
-  return { ...H100_80GB, name: gpu.name, vramTotal: gpu.totalBytes, vramFree: gpu.freeBytes, hostRam, pinnedLimit: hostRam / 2 };
+  const reported = { ...H100_80GB, name: gpu.name, vramTotal: gpu.totalBytes, vramFree: gpu.freeBytes, hostRam, pinnedLimit: hostRam / 2 };
+  return measuredProfiles.apply(reported, gpu.name);
 }
 
 /**
