@@ -15,8 +15,9 @@ engine's current CUDA device, or for the host alone where there is none (GPU fie
 - the host CPU's GEMM at a text-encoder shape (512 tokens × 4096), bf16 as a CPU-placed encoder runs
   (float32 where bf16 cannot run).
 
-How: CUDA events around each call (perf_counter on the host), warm-up calls first, the median of the
-repeats; repeats stop early once a measurement has spent its time budget (a slow CPU). `quick` keeps
+How: CUDA events around each sample (perf_counter on the host), warm-up calls first, the median of
+the samples; a sample repeats a call shorter than 5 ms (a 1536-wide GEMM takes about 0.5 ms on an
+H100), and samples stop early once a measurement has spent its time budget (a slow CPU). `quick` keeps
 the GPU's GEMM shapes (each takes milliseconds, and a smaller product under-measures the rate the
 model reaches) but takes fewer repeats, a 256 MiB copy, the 1.3B attention shape only and a smaller
 CPU product: about 2 s against about 10 s, most of it CUDA's start-up and the attention.
@@ -28,6 +29,7 @@ events as measurements finish.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import resource
 import statistics
@@ -48,8 +50,10 @@ from .system import driver_version
 
 #: The share of the host's RAM (or of the cgroup's limit) kino pins at most; see `pinned_limit`.
 PINNED_FRACTION = 0.5
-#: Timed calls a measurement keeps at least, whatever its budget.
+#: Timed samples a measurement keeps at least, whatever its budget.
 MIN_REPEATS = 3
+#: Seconds a timed sample lasts at least: shorter calls are repeated inside it.
+SAMPLE_S = 0.005
 MiB = 1 << 20
 
 Emit = Callable[[Mapping[str, Any]], None]
@@ -156,29 +160,39 @@ def cpu_name() -> str:
 
 
 def median_seconds(call: Callable[[], Any], sizes: ProbeSizes, *, cuda: bool, warmup: int = 2) -> float:
-    """Median seconds of `call` after `warmup` calls: CUDA events on the device, perf_counter on the host."""
+    """Median seconds of one `call` after `warmup` calls: CUDA events on the device, perf_counter on the host.
+
+    A call shorter than SAMPLE_S is repeated inside each timed sample (and the sample divided), so
+    that launching it from Python, which the GPU would otherwise wait on, is not counted as its time.
+    """
     for _ in range(warmup):
         call()
-    if cuda:
-        torch.cuda.synchronize()
+    inner = max(1, min(100, math.ceil(SAMPLE_S / _sample(call, 1, cuda))))
     times: list[float] = []
     started = time.perf_counter()
     for _ in range(sizes.repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
+        times.append(_sample(call, inner, cuda) / inner)
         if len(times) >= MIN_REPEATS and time.perf_counter() - started > sizes.budget_s:
             break
     # A timer can read 0 for a call below its resolution; the rate must stay finite.
     return max(statistics.median(times), 1e-9)
+
+
+def _sample(call: Callable[[], Any], count: int, cuda: bool) -> float:
+    """Seconds of `count` back-to-back calls."""
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(count):
+            call()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    for _ in range(count):
+        call()
+    return time.perf_counter() - t0
 
 
 # ---- measurements ----

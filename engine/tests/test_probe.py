@@ -64,10 +64,19 @@ def test_pinned_limit_is_half_the_ram_or_of_a_lower_cgroup_limit() -> None:
 
 def test_median_stops_at_its_budget_but_keeps_the_minimum() -> None:
     calls = []
-    slow = probe.ProbeSizes(transfer_bytes=1, gemms=(), attention=(), cpu_gemm=(1, 1, 1), repeats=50, budget_s=0.0)
-    seconds = probe.median_seconds(lambda: calls.append(time.sleep(0.001)), slow, cuda=False, warmup=1)
-    assert len(calls) == 1 + probe.MIN_REPEATS, "a spent budget stops the repeats at the minimum, after the warm-up"
-    assert seconds >= 0.001
+    spent = probe.ProbeSizes(transfer_bytes=1, gemms=(), attention=(), cpu_gemm=(1, 1, 1), repeats=50, budget_s=0.0)
+    seconds = probe.median_seconds(lambda: calls.append(time.sleep(0.01)), spent, cuda=False, warmup=1)
+    # A 10 ms call is one per sample: the warm-up, the estimate, then MIN_REPEATS samples.
+    assert len(calls) == 2 + probe.MIN_REPEATS, "a spent budget stops the samples at the minimum"
+    assert 0.01 <= seconds < 0.05
+
+
+def test_short_calls_are_repeated_inside_a_sample() -> None:
+    calls = []
+    sizes = probe.ProbeSizes(transfer_bytes=1, gemms=(), attention=(), cpu_gemm=(1, 1, 1), repeats=3, budget_s=10.0)
+    seconds = probe.median_seconds(lambda: calls.append(time.sleep(0.001)), sizes, cuda=False, warmup=1)
+    assert len(calls) > 2 + 3 * 2, f"1 ms calls must be batched into samples of >= {probe.SAMPLE_S * 1000:.0f} ms ({len(calls)} calls)"
+    assert 0.001 <= seconds < 0.005, "the median is per call, not per sample"
 
 
 class _Unavailable(AttentionBackend):

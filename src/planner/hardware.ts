@@ -1,7 +1,6 @@
 /**
- * What the planner knows about a machine. Later the engine measures it once per GPU (the `probe`
- * message) and the control plane caches it; for now the profiles are named presets, so plans can be
- * made and tested without a GPU.
+ * What the planner knows about a machine: named presets, so plans can be made and tested without a
+ * GPU, or the engine's measurement of this one (the `probe` request, cached per GPU: probe-cache.ts).
  */
 
 export const GiB = 2 ** 30;
