@@ -144,6 +144,10 @@ export const JobEventData = z
       s_per_step: z.number().nullable(),
       /** Seconds left in the denoising loop at that pace. */
       eta: z.number().nullable(),
+      /** Device memory allocated after the step, as the engine measured it; null on the CPU and at phase starts. */
+      vram_bytes: z.number().int().nullable().default(null),
+      /** The engine process's resident memory after the step; null at phase starts. */
+      ram_bytes: z.number().int().nullable().default(null),
     }),
     z.object({ type: z.literal("output"), artifact: Artifact }),
     /** A decision taken for the job, with its reason (a retry after OOM, a requeue after a restart …). */

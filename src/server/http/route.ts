@@ -29,7 +29,7 @@ export interface RouteHeader {
 }
 
 export interface RouteDoc {
-  readonly method: "GET" | "POST";
+  readonly method: "GET" | "POST" | "DELETE";
   /** fastify's syntax: /api/jobs/:id */
   readonly url: string;
   readonly operationId: string;

@@ -1,15 +1,15 @@
 /**
  * The job service: what every API does with jobs, whatever its wire format. The native routes
- * (routes/jobs.ts) call it, and so will the OpenAI-compatible /v1/videos routes: submit, look up,
- * list, cancel, follow the events, find the video.
+ * (routes/jobs.ts) and the OpenAI-compatible /v1/videos routes (openai/) call it: submit, look up,
+ * list, cancel, delete, follow the events, find the video.
  */
 import { randomUUID } from "node:crypto";
-import { stat } from "node:fs/promises";
+import { rm, stat } from "node:fs/promises";
 import { listModels } from "../../api/models.ts";
-import { KinoError } from "../../errors.ts";
+import { KinoError, toKinoError } from "../../errors.ts";
 import type { Scheduler } from "../scheduler/scheduler.ts";
 import { TERMINAL_EVENTS, TERMINAL_STATUSES, type Job, type JobStatus } from "../schemas.ts";
-import { jobFile } from "./files.ts";
+import { jobFile, jobFolder } from "./files.ts";
 import type { JobJournal } from "./journal.ts";
 import { prepareSubmission } from "./prepare.ts";
 import type { StoredEvent, StoredJob } from "./store.ts";
@@ -70,12 +70,17 @@ export class JobService {
     return this.#view(await this.#find(id));
   }
 
-  /** Newest first. */
-  async list(query: { status?: JobStatus; limit: number; cursor?: string }): Promise<{ jobs: Job[]; nextCursor: string | null }> {
+  /**
+   * Newest first (or oldest first with order "asc"); `cursor` is the `nextCursor` of the previous
+   * page, or `cursorOf` a job to start after it.
+   */
+  async list(query: { status?: JobStatus; limit: number; cursor?: string; order?: "asc" | "desc" }): Promise<{ jobs: Job[]; nextCursor: string | null }> {
+    const cursor = query.cursor === undefined ? undefined : Number(query.cursor);
     const page = await this.#deps.journal.store.list({
       status: query.status,
       limit: query.limit,
-      beforeSeq: query.cursor === undefined ? undefined : Number(query.cursor),
+      order: query.order,
+      ...(query.order === "asc" ? { afterSeq: cursor } : { beforeSeq: cursor }),
     });
     return { jobs: page.jobs.map((j) => this.#view(j)), nextCursor: page.nextCursor === null ? null : String(page.nextCursor) };
   }
@@ -102,6 +107,38 @@ export class JobService {
         { type: "cancelled", reason: "cancelled at the client's request before it started" },
       ),
     );
+  }
+
+  /**
+   * Deletes a job: its record, events and files. A job that has not ended is cancelled first, and
+   * deleted once it has stopped (between denoising steps, or after a load in progress).
+   * @throws KinoError JOB_NOT_FOUND
+   */
+  async delete(id: string): Promise<void> {
+    const job = await this.#find(id);
+    if (!TERMINAL_STATUSES.includes(job.status)) {
+      const cancelled = await this.cancel(id).catch((err: unknown) => {
+        // It ended meanwhile: nothing to stop.
+        if (toKinoError(err).code !== "JOB_FINISHED") throw err;
+      });
+      if (cancelled !== undefined && !TERMINAL_STATUSES.includes(cancelled.status)) {
+        const follow = await this.follow(id, 0, () => {});
+        await follow.ended;
+      }
+    }
+    await this.#deps.journal.store.remove(id);
+    await rm(jobFolder(this.#deps.dataDir, id), { recursive: true, force: true });
+  }
+
+  /** A cursor for `list` that starts right after this job. @throws KinoError JOB_NOT_FOUND */
+  async cursorOf(id: string): Promise<string> {
+    return String((await this.#find(id)).seq);
+  }
+
+  /** The job's stored events, in order. @throws KinoError JOB_NOT_FOUND */
+  async events(id: string): Promise<StoredEvent[]> {
+    await this.#find(id);
+    return this.#deps.journal.store.events(id, 0);
   }
 
   /**

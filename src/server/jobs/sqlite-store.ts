@@ -14,6 +14,7 @@ import {
   JobSubmission,
   StoredArtifact,
   type JobChange,
+  type JobListQuery,
   type JobPage,
   type JobStore,
   type StoredEvent,
@@ -77,7 +78,7 @@ export function databasePath(dataDir: string): string {
 
 export class SqliteJobStore implements JobStore {
   readonly #db: DatabaseSync;
-  readonly #stmt: Record<"get" | "insert" | "artifacts" | "events" | "lastEvent" | "insertEvent" | "insertArtifact" | "withStatus", StatementSync>;
+  readonly #stmt: Record<"get" | "insert" | "artifacts" | "events" | "lastEvent" | "insertEvent" | "insertArtifact" | "withStatus" | "remove", StatementSync>;
   #closed = false;
 
   /**
@@ -119,6 +120,7 @@ export class SqliteJobStore implements JobStore {
         "INSERT INTO artifacts (id, job_id, position, data) VALUES (?, ?, (SELECT COUNT(*) FROM artifacts WHERE job_id = ?), ?)",
       ),
       withStatus: db.prepare("SELECT * FROM jobs WHERE status = ? ORDER BY seq"),
+      remove: db.prepare("DELETE FROM jobs WHERE id = ?"),
     };
   }
 
@@ -135,7 +137,7 @@ export class SqliteJobStore implements JobStore {
     return this.#get(id);
   }
 
-  async list(query: { status?: JobStatus; limit: number; beforeSeq?: number }): Promise<JobPage> {
+  async list(query: JobListQuery): Promise<JobPage> {
     this.#checkOpen();
     const where: string[] = [];
     const args: SQLInputValue[] = [];
@@ -147,7 +149,12 @@ export class SqliteJobStore implements JobStore {
       where.push("seq < ?");
       args.push(query.beforeSeq);
     }
-    const sql = `SELECT * FROM jobs ${where.length > 0 ? `WHERE ${where.join(" AND ")}` : ""} ORDER BY seq DESC LIMIT ?`;
+    if (query.afterSeq !== undefined) {
+      where.push("seq > ?");
+      args.push(query.afterSeq);
+    }
+    const order = query.order === "asc" ? "ASC" : "DESC";
+    const sql = `SELECT * FROM jobs ${where.length > 0 ? `WHERE ${where.join(" AND ")}` : ""} ORDER BY seq ${order} LIMIT ?`;
     // One more than asked tells whether there is a next page.
     const rows = this.#db.prepare(sql).all(...args, query.limit + 1) as unknown as JobRow[];
     const page = rows.slice(0, query.limit).map((r) => this.#toJob(r));
@@ -194,6 +201,11 @@ export class SqliteJobStore implements JobStore {
     this.#checkOpen();
     const rows = this.#stmt.events.all(id, afterSeq) as unknown as Array<{ seq: number; at: number; data: string }>;
     return rows.map((r) => ({ jobId: id, seq: r.seq, at: r.at, data: JobEventData.parse(JSON.parse(r.data)) }));
+  }
+
+  async remove(id: string): Promise<boolean> {
+    // Events and artifacts go with it (ON DELETE CASCADE).
+    return this.#transaction(() => this.#stmt.remove.run(id).changes > 0);
   }
 
   async close(): Promise<void> {

@@ -85,18 +85,29 @@ export interface JobChange {
 }
 
 export interface JobPage {
-  /** Newest first. */
+  /** In the order asked for (newest first unless `order` is "asc"). */
   readonly jobs: readonly StoredJob[];
-  /** Pass as `beforeSeq` for the next page; null on the last page. */
+  /** Pass as `beforeSeq` (newest first) or `afterSeq` (oldest first) for the next page; null on the last page. */
   readonly nextCursor: number | null;
+}
+
+export interface JobListQuery {
+  readonly status?: JobStatus;
+  readonly limit: number;
+  /** Only jobs submitted before this one (its `seq`). */
+  readonly beforeSeq?: number;
+  /** Only jobs submitted after this one (its `seq`). */
+  readonly afterSeq?: number;
+  /** @default "desc" (newest first) */
+  readonly order?: "asc" | "desc";
 }
 
 export interface JobStore {
   /** Inserts a queued job with its first event, atomically. */
   create(id: string, submission: JobSubmission, at: number, event: JobEventData): Promise<{ job: StoredJob; event: StoredEvent }>;
   get(id: string): Promise<StoredJob | undefined>;
-  /** A page of jobs, newest first, optionally of one status. */
-  list(query: { status?: JobStatus; limit: number; beforeSeq?: number }): Promise<JobPage>;
+  /** A page of jobs, newest first unless asked otherwise, optionally of one status. */
+  list(query: JobListQuery): Promise<JobPage>;
   /** Every job in a status, oldest first (what a restarted server queues again or recovers). */
   withStatus(status: JobStatus): Promise<StoredJob[]>;
   /**
@@ -106,6 +117,8 @@ export interface JobStore {
   update(id: string, change: JobChange, at: number, event: JobEventData | null): Promise<{ job: StoredJob; event: StoredEvent | null }>;
   /** The job's events with seq > afterSeq, in order. */
   events(id: string, afterSeq: number): Promise<StoredEvent[]>;
+  /** Deletes a job with its events and artifacts; false when there was none. */
+  remove(id: string): Promise<boolean>;
   /** Idempotent. */
   close(): Promise<void>;
 }
