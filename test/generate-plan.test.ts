@@ -213,3 +213,31 @@ describe("learned corrections", () => {
     }
   });
 });
+
+describe("generate plans with this machine's probed rates when they are cached", () => {
+  test("a cached probe with a slow link keeps more blocks resident than the H100 preset under the same budget", async () => {
+    const h = tempDir("kino-genprobe-");
+    try {
+      const { probeLike } = await import("./fixtures/probe-result.ts");
+      const { probeCacheFor } = await import("../src/api/probe.ts");
+      const { probeKey } = await import("../src/planner/probe-cache.ts");
+      const config = resolveConfig({ KINO_HOME: h, HOME: h, XDG_CACHE_HOME: join(h, "xdg") });
+      const engine = withHostRam(new FakeEngine({ devices: [GPU] }));
+      const hello = await engine.hello();
+      await engine.close();
+      await probeCacheFor(config).write(probeKey(hello), probeLike(H100_80GB, { name: GPU.name, h2dBytesPerS: 2e9, d2hBytesPerS: 2e9 }));
+      const slow = recorder();
+      const run = await runKino([...RUN, "--vram", "24GB", "--out", join(h, "a.mp4")], { home: h, engine: slow.make, config: { cache: config.cache } });
+      assert.equal(run.code, 0, run.stderr);
+      const preset = plan(M14, { ...H100_80GB, name: GPU.name, vramFree: GPU.freeBytes, vramTotal: GPU.totalBytes, hostRam: 128 * GiB, pinnedLimit: 64 * GiB }, { ...R480, steps: 2 }, { vram: 24 * GiB });
+      const got = slow.loads[0]!.memory!.transformer;
+      assert.equal(got.kind, "streamed");
+      assert.equal(preset.placement.transformer.kind, "streamed");
+      if (got.kind === "streamed" && preset.placement.transformer.kind === "streamed") {
+        assert.ok(got.residentBlocks > preset.placement.transformer.residentBlocks, `a 2 GB/s link must keep more blocks resident: ${got.residentBlocks} vs ${preset.placement.transformer.residentBlocks}`);
+      }
+    } finally {
+      removeDir(h);
+    }
+  });
+});

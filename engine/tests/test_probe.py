@@ -19,7 +19,6 @@ from kino_engine.protocol import EngineFailure, ProbeRequest, parse_request
 from kino_engine.runtime.attention import BACKENDS, AttentionBackend
 
 GPU_FIELDS = ("index", "capability", "vramTotalBytes", "vramFreeBytes", "h2dBytesPerS", "d2hBytesPerS", "h2dPageableBytesPerS", "transferBytes")
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +45,21 @@ def test_quick_probe_is_valid_positive_and_fast(schema: dict, quick: dict) -> No
     assert quick["ms"] < limit_ms, f"a quick probe took {quick['ms']:.0f} ms"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only answer")
-def test_without_a_gpu_the_gpu_fields_are_null(quick: dict) -> None:
-    assert quick["device"] == "cpu"
-    for name in GPU_FIELDS:
-        assert quick[name] is None, f"{name} must be null without a GPU, got {quick[name]!r}"
-    assert quick["gemm"] == [] and quick["attention"] == []
-    assert quick["name"], "the CPU's name stands in for the GPU's"
+def test_the_gpu_fields_match_the_machine(quick: dict) -> None:
+    """Without a GPU (CI) the GPU fields are null; with one, they are measured and plausible. The full
+    GPU measurement was recorded on an H100 (docs/benchmarks/*-probe-*.json)."""
+    if not torch.cuda.is_available():
+        assert quick["device"] == "cpu"
+        for name in GPU_FIELDS:
+            assert quick[name] is None, f"{name} must be null without a GPU, got {quick[name]!r}"
+        assert quick["gemm"] == [] and quick["attention"] == []
+        assert quick["name"], "the CPU's name stands in for the GPU's"
+        return
+    assert quick["device"] == "cuda" and quick["vramTotalBytes"] >= quick["vramFreeBytes"] > 0
+    for name in ("h2dBytesPerS", "d2hBytesPerS", "h2dPageableBytesPerS"):
+        assert quick[name] > 1e8, f"{name} = {quick[name]}: a copy slower than 0.1 GB/s is a timing bug"
+    for a in quick["attention"]:
+        assert a["byBackend"][a["backend"]] == max(r for r in a["byBackend"].values() if r is not None), "the fastest is kept"
 
 
 def test_pinned_limit_is_half_the_ram_or_of_a_lower_cgroup_limit() -> None:
@@ -138,16 +145,3 @@ def test_the_module_prints_one_json_answer_line(schema: dict) -> None:
     answer = json.loads(lines[0])
     assert answer["ok"] is True
     _assert_valid(schema, answer["result"])
-
-
-@cuda_only
-def test_gpu_probe_measures_copies_gemms_and_attention(schema: dict) -> None:
-    full = probe.measure(quick=False)
-    _assert_valid(schema, full)
-    assert full["device"] == "cuda" and full["vramTotalBytes"] >= full["vramFreeBytes"] > 0
-    for name in ("h2dBytesPerS", "d2hBytesPerS", "h2dPageableBytesPerS"):
-        assert full[name] > 1e8, f"{name} = {full[name]}: a copy slower than 0.1 GB/s is a timing bug"
-    assert [g["n"] for g in full["gemm"]] == [1536, 5120]
-    assert [a["heads"] for a in full["attention"]] == [12, 40]
-    for a in full["attention"]:
-        assert a["byBackend"][a["backend"]] == max(r for r in a["byBackend"].values() if r is not None), "the fastest is kept"

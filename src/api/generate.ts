@@ -25,6 +25,8 @@ import { jobFieldsOf, memorySpecOf, runtimeFieldsOf } from "../planner/execute.t
 import { H100_80GB, type HardwareProfile } from "../planner/hardware.ts";
 import { corrections, PeakLog, peakRecords } from "../planner/learn.ts";
 import { checkpointManifest } from "../planner/checkpoint-manifest.ts";
+import { hardwareFromProbe, probeKey } from "../planner/probe-cache.ts";
+import { probeCacheFor } from "./probe.ts";
 import { modelManifest } from "../planner/manifest.ts";
 import { DEFAULT_MARGIN, describeDecode, describePlacement, plan, type Plan } from "../planner/plan.ts";
 import { parseByteSize, parseMemoryLevel, parseWeights } from "./plan.ts";
@@ -148,7 +150,7 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
     };
     // A per-machine measurement: it lives in kino's home, beside the models (not in the shared download cache).
     const peaks = new PeakLog(join(deps.config.home, "planner", "peaks.jsonl"));
-    const planned = await planRun(options, model, baseJob, device, hello, peaks, DEFAULT_MARGIN);
+    const planned = await planRun(deps.config, options, model, baseJob, device, hello, peaks, DEFAULT_MARGIN);
     if (planned !== null) notice(describeRun(planned));
     if (model.needsMakeTiny && model.path !== null) await makeTinyOnce(model.path, deps, notice, signal);
     let job = planned === null ? baseJob : { ...baseJob, ...jobFieldsOf(planned) };
@@ -165,7 +167,7 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
       // Out of memory with a plan: the engine freed what it could; retry once with a safer plan
       // (a quarter of the budget kept free instead of a tenth), and say why.
       if (plan === null || toKinoError(err).code !== "OOM") throw err;
-      const safer = await planRun(options, model, baseJob, device, hello, peaks, OOM_RETRY_MARGIN);
+      const safer = await planRun(deps.config, options, model, baseJob, device, hello, peaks, OOM_RETRY_MARGIN);
       if (safer === null) throw err;
       notice(`out of memory during ${toKinoError(err).phase ?? "the run"}; retrying once with a safer plan (${Math.round(OOM_RETRY_MARGIN * 100)}% of the budget kept free): ${describeRun(safer)}`);
       plan = safer;
@@ -209,11 +211,13 @@ export const OOM_RETRY_MARGIN = 0.25;
 
 /**
  * The memory plan for a run on the GPU, or null where there is nothing to plan (CPU, or a model
- * without a full-size architecture, e.g. the tiny one). The profile is the H100 preset's rates with
- * the VRAM and RAM the engine reported; the learned corrections for this model and GPU apply.
+ * without a full-size architecture, e.g. the tiny one). The profile takes the rates `kino probe`
+ * measured on this GPU (cached) or the H100 preset's, with the VRAM and RAM the engine reported; the
+ * learned corrections for this model and GPU apply.
  * @throws KinoError INFEASIBLE naming the smallest budget, INVALID_ARGUMENT for a bad budget flag.
  */
 export async function planRun(
+  config: KinoConfig,
   options: ParsedGenerateOptions,
   model: ResolvedModel,
   job: JobSpec,
@@ -239,13 +243,19 @@ export async function planRun(
     return null;
   }
   const manifest = architecture !== null ? modelManifest(model.id!, architecture) : await checkpointManifest(model.path!, "model");
+  // The rates this machine measured (`kino probe`, cached per GPU) where there are any, else the H100
+  // preset's; VRAM and RAM are what the engine reports now. Reading the cache never measures.
+  const probed = await probeCacheFor(config)
+    .read(probeKey(hello), { quick: true })
+    .catch(() => null);
+  const rates = probed !== null && probed.result.device === "cuda" ? hardwareFromProbe(probed.result, { modelWidth: manifest.transformer.shape.width }) : H100_80GB;
   const hardware: HardwareProfile = {
-    ...H100_80GB,
+    ...rates,
     name: gpu.name,
     vramTotal: gpu.totalBytes,
     vramFree: gpu.freeBytes,
     hostRam: hello.hostRamBytes,
-    pinnedLimit: hello.hostRamBytes / 2,
+    pinnedLimit: Math.min(rates === H100_80GB ? Infinity : rates.pinnedLimit, hello.hostRamBytes / 2),
   };
   const records = await peaks.read().catch(() => []);
   const budget = {

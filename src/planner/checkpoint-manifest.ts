@@ -27,7 +27,9 @@ async function config(root: string, component: string, field: string): Promise<R
 
 /** The manifest of the checkpoint at `root` (transformer and text encoder configs). */
 export async function checkpointManifest(root: string, field = "model"): Promise<ModelManifest> {
-  const [transformer, textEncoder] = await Promise.all([config(root, "transformer", field), config(root, "text_encoder", field)]);
+  // One after the other, so a folder missing both names the transformer (the same error every time).
+  const transformer = await config(root, "transformer", field);
+  const textEncoder = await config(root, "text_encoder", field);
   try {
     return modelManifest(root, { transformer, textEncoder });
   } catch (err) {
