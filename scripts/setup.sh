@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything kino needs on a fresh machine, idempotently:
-#   system packages (ffmpeg for ffprobe/concat, python3-venv) from Debian when missing,
+#   system packages (ffmpeg for ffprobe/concat, python3-venv, chromium and redis-server for the server's
+#   tests) from Debian when missing,
 #   Node >= 22 (from the npm registry's node-linux-<arch> package when the machine's Node is older),
 #   the Node dependencies and the TypeScript build,
 #   a Python environment with torch, diffusers, transformers, safetensors, huggingface_hub and PyAV,
@@ -13,6 +14,9 @@ say() { echo "[kino setup] $*" >&2; }
 # --- system packages ---
 missing=()
 command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
+# The web UI's tests drive Debian's Chromium (playwright-core); the shared-queue tests run a redis-server.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -29,6 +29,7 @@ export function serveCommand(ctx: CliContext): Command {
       const logger = createLogger(ctx.io.stderr, ctx.debug ? "debug" : "info");
       const { buildServer } = await loadServer();
       const { openaiRoutes } = await import("../server/openai/routes.ts");
+      const { uiRoutes } = await import("../server/ui-routes.ts");
       const server = await buildServer({
         config: ctx.config,
         options,
@@ -36,7 +37,7 @@ export function serveCommand(ctx: CliContext): Command {
         startEngine: probingFactory(engineFactory(ctx, logger), { cache: probeCacheFor(ctx.config, logger), logger }),
         makeTiny: (dir) => ctx.tools.makeTiny(dir, undefined, { logger }),
         logger,
-        routes: [openaiRoutes],
+        routes: [openaiRoutes, uiRoutes({ dir: join(ctx.config.repoRoot, "dist", "ui") })],
         version: packageVersion(ctx.config),
       });
       const stop = new AbortController();

@@ -25,6 +25,7 @@ import type { JobStore } from "./jobs/store.ts";
 import { checkServeOptions, isLoopbackHost, type ServeOptions } from "./options.ts";
 import type { RouteContext } from "./routes/context.ts";
 import { jobRoutes } from "./routes/jobs.ts";
+import { planRoutes } from "./routes/plan.ts";
 import { systemRoutes } from "./routes/system.ts";
 import { videoRoutes } from "./routes/video.ts";
 import { Scheduler } from "./scheduler/scheduler.ts";
@@ -111,6 +112,7 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
   };
   await app.register(jobRoutes, ctx);
   await app.register(videoRoutes, ctx);
+  await app.register(planRoutes, ctx);
   await app.register(systemRoutes, { ...ctx, info });
   for (const plugin of deps.routes ?? []) await app.register(plugin, ctx);
   await app.ready();

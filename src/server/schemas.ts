@@ -127,6 +127,7 @@ export const JobListQuery = z.strictObject({
   cursor: z.string().regex(/^\d{1,15}$/, "must be the nextCursor of a previous page").optional(),
 });
 export const JobList = z.object({ jobs: z.array(Job), nextCursor: z.string().nullable() }).meta({ id: "JobList" });
+export type JobList = z.infer<typeof JobList>;
 
 // ---- job events (SSE) ----
 
@@ -166,6 +167,48 @@ export type JobEvent = z.infer<typeof JobEvent>;
 
 export const LastEventId = z.string().regex(/^\d{1,15}$/, "must be the id of an event this stream sent (a whole number)");
 
+// ---- the planner's estimate ----
+
+/** A request to estimate before submitting it: the job fields that decide its memory and time. */
+export const PlanBody = z
+  .strictObject({
+    model: JobRequest.shape.model,
+    size: JobRequest.shape.size,
+    frames: JobRequest.shape.frames,
+    steps: JobRequest.shape.steps,
+    guidance: JobRequest.shape.guidance,
+  })
+  .meta({ id: "PlanRequest" });
+
+export const PlanEstimate = z
+  .object({
+    /** The catalog id (auto resolved). */
+    model: z.string(),
+    width: z.number().int(),
+    height: z.number().int(),
+    frames: z.number().int(),
+    steps: z.number().int(),
+    /** What the estimate is for: the server's largest GPU, or a named profile where the server has none; null when not planned. */
+    hardware: z.string().nullable(),
+    /** Whether `hardware` is one of this server's GPUs. */
+    serverGpu: z.boolean(),
+    estimate: z
+      .object({
+        peakVramBytes: z.number(),
+        peakRamBytes: z.number(),
+        seconds: z.number(),
+        secondsPerStep: z.number(),
+        /** Where the transformer's weights live during denoising (resident, block-streamed …). */
+        transformer: z.string(),
+        decode: z.string(),
+      })
+      .nullable(),
+    /** Why there is no estimate, or what it is for. */
+    note: z.string(),
+  })
+  .meta({ id: "PlanEstimate" });
+export type PlanEstimate = z.infer<typeof PlanEstimate>;
+
 // ---- models, engines, health ----
 
 export const ModelList = z
@@ -183,6 +226,7 @@ export const ModelList = z
     ),
   })
   .meta({ id: "ModelList" });
+export type ModelList = z.infer<typeof ModelList>;
 
 export const EngineState = z.enum(["starting", "idle", "loading", "ready", "busy", "failed", "closed"]);
 export type EngineState = z.infer<typeof EngineState>;

@@ -7,7 +7,7 @@
 import { randomInt } from "node:crypto";
 import { buildJob } from "../../api/generate.ts";
 import { checkNumbers, type ParsedGenerateOptions } from "../../api/generate-options.ts";
-import { catalogIds, findCatalogModel, WAN21_1_3B_ID, WAN21_SHAPE } from "../../catalog/models.ts";
+import { catalogIds, findCatalogModel, WAN21_1_3B_ID, WAN21_SHAPE, type CatalogModel } from "../../catalog/models.ts";
 import { AUTO_MODEL, isModelPresent, pickAutoModel, resolveModel } from "../../catalog/resolve.ts";
 import { KinoError } from "../../errors.ts";
 import { parseInput } from "../http/validate.ts";
@@ -22,12 +22,7 @@ import type { JobSubmission } from "./store.ts";
  */
 export async function prepareSubmission(body: unknown, machine: MachineFacts, modelsDir: string): Promise<JobSubmission> {
   const request = parseInput(JobRequest, body, "body");
-  const catalog = request.model === AUTO_MODEL ? null : findCatalogModel(request.model);
-  if (catalog === undefined) {
-    throw new KinoError("UNKNOWN_MODEL", `unknown model "${request.model}"; known ids: ${catalogIds().join(", ")} or auto (GET /api/models)`, {
-      field: "model",
-    });
-  }
+  const catalog = requestedModel(request.model);
   const { keepAlive, ...asked } = request;
   // The CLI's options minus what a server decides itself (device, outputs, compile).
   const options: ParsedGenerateOptions = { ...asked, compile: false, out: "" };
@@ -53,8 +48,22 @@ export async function prepareSubmission(body: unknown, machine: MachineFacts, mo
   };
 }
 
+/**
+ * The catalog model a request names; null for auto.
+ * @throws KinoError UNKNOWN_MODEL naming the known ids
+ */
+export function requestedModel(id: string): CatalogModel | null {
+  const catalog = id === AUTO_MODEL ? null : findCatalogModel(id);
+  if (catalog === undefined) {
+    throw new KinoError("UNKNOWN_MODEL", `unknown model "${id.slice(0, 100)}"; known ids: ${catalogIds().join(", ")} or auto (GET /api/models)`, {
+      field: "model",
+    });
+  }
+  return catalog;
+}
+
 /** "auto" as `kino generate` decides it, for the server's engines. */
-async function autoModel(machine: MachineFacts, modelsDir: string) {
+export async function autoModel(machine: MachineFacts, modelsDir: string) {
   const pick = pickAutoModel({ hasGpu: machine.gpus.length > 0, wan13bPresent: await isModelPresent(modelsDir, WAN21_1_3B_ID) });
   const model = findCatalogModel(pick.id);
   if (model === undefined) throw new KinoError("INTERNAL", `auto picked ${pick.id}, which is not in the catalog`);

@@ -8,7 +8,8 @@ import { rm, stat } from "node:fs/promises";
 import { listModels } from "../../api/models.ts";
 import { KinoError, toKinoError } from "../../errors.ts";
 import type { Scheduler } from "../scheduler/scheduler.ts";
-import { TERMINAL_EVENTS, TERMINAL_STATUSES, type Job, type JobStatus } from "../schemas.ts";
+import { TERMINAL_EVENTS, TERMINAL_STATUSES, type Job, type JobStatus, type PlanEstimate } from "../schemas.ts";
+import { estimateJob } from "./estimate.ts";
 import { jobFile, jobFolder } from "./files.ts";
 import type { JobJournal } from "./journal.ts";
 import { prepareSubmission } from "./prepare.ts";
@@ -63,6 +64,15 @@ export class JobService {
       reservation.release();
       throw err;
     }
+  }
+
+  /**
+   * The planner's estimate for a request, before it is submitted.
+   * @throws KinoError INVALID_ARGUMENT …, UNKNOWN_MODEL, INFEASIBLE
+   */
+  async estimate(body: unknown): Promise<PlanEstimate> {
+    await this.#deps.scheduler.whenReady();
+    return estimateJob(body, this.#deps.scheduler.machine(), this.#deps.modelsDir);
   }
 
   /** @throws KinoError JOB_NOT_FOUND */
