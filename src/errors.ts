@@ -88,6 +88,8 @@ const controlPlaneCodes = {
   NODE_TOO_OLD: { exit: 1, http: 500, hint: "use Node 22.13 or newer (scripts/setup.sh brings one; $KINO_NODE picks it)" },
   /** Another kino serve uses the same data folder. */
   DATA_DIR_IN_USE: { exit: 1, http: 500, hint: "stop the other server, or give this one another --data-dir" },
+  /** The shared queue's Redis (kino serve --queue) does not answer. */
+  QUEUE_UNAVAILABLE: { exit: 1, http: 503, hint: "check that redis-server runs at the --queue address and that this machine may reach it" },
 } as const satisfies Record<string, CodeInfo>;
 
 export const ERROR_CODES: Readonly<Record<ErrorCode, CodeInfo>> = { ...engineCodes, ...controlPlaneCodes };

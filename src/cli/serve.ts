@@ -10,7 +10,7 @@ import type { KinoConfig } from "../config/config.ts";
 import { SubprocessEngine } from "../engine/subprocess.ts";
 import { KinoError } from "../errors.ts";
 import { createLogger } from "../log.ts";
-import { DEFAULT_HOST, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, resolveServeOptions, type ServeFlags } from "../server/options.ts";
+import { DEFAULT_HOST, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, redactUrl, resolveServeOptions, type ServeFlags } from "../server/options.ts";
 import type { SlotEngineFactory } from "../server/scheduler/slot.ts";
 import type { CliContext } from "./context.ts";
 
@@ -23,6 +23,7 @@ export function serveCommand(ctx: CliContext): Command {
     .option("--queue-size <n>", `jobs waiting at most; more are answered 429 (default: ${DEFAULT_QUEUE_SIZE})`)
     .option("--keep-alive <duration>", "how long a model stays loaded after its last job: 5m, 30s, 0, -1 for ever (default: 5m)")
     .option("--data-dir <dir>", "the job database and the videos (default: $KINO_DATA_DIR or ~/.kino/data)")
+    .option("--queue <redis-url>", "share jobs with other kino serve nodes through Redis (redis://host:6379): any node takes them, any node answers for them")
     .action(async (flags: ServeFlags) => {
       const options = resolveServeOptions(ctx.config, flags, ctx.cwd);
       // Decisions (engines up, keep-alive, requeues) are worth seeing on a server's console.
@@ -30,6 +31,7 @@ export function serveCommand(ctx: CliContext): Command {
       const { buildServer } = await loadServer();
       const { openaiRoutes } = await import("../server/openai/routes.ts");
       const { uiRoutes } = await import("../server/ui-routes.ts");
+      const shared = options.queue === null ? null : await (await import("../server/redis/connect.ts")).connectRedis(options.queue, { logger });
       const server = await buildServer({
         config: ctx.config,
         options,
@@ -37,15 +39,21 @@ export function serveCommand(ctx: CliContext): Command {
         startEngine: probingFactory(engineFactory(ctx, logger), { cache: probeCacheFor(ctx.config, logger), logger }),
         makeTiny: (dir) => ctx.tools.makeTiny(dir, undefined, { logger }),
         logger,
+        ...(shared === null ? {} : { store: shared.store, sharedQueue: shared.queue }),
         routes: [openaiRoutes, uiRoutes({ dir: join(ctx.config.repoRoot, "dist", "ui") })],
         version: packageVersion(ctx.config),
+      }).catch(async (err: unknown) => {
+        // The server owns the shared store and queue once built; until then they are closed here.
+        await Promise.all([shared?.queue.close(), shared?.store.close()]);
+        throw err;
       });
       const stop = new AbortController();
       const onTerm = () => stop.abort();
       process.once("SIGTERM", onTerm);
       try {
         const url = await server.listen();
-        ctx.io.stderr(`kino serve: listening on ${url} (data in ${options.dataDir}; API: ${url}/openapi.json; Ctrl-C stops)\n`);
+        const queue = options.queue === null ? "" : `; jobs shared through ${redactUrl(options.queue)}`;
+        ctx.io.stderr(`kino serve: listening on ${url} (data in ${options.dataDir}${queue}; API: ${url}/openapi.json; Ctrl-C stops)\n`);
         const signal = AbortSignal.any([ctx.signal, stop.signal]);
         await new Promise<void>((resolve) => (signal.aborted ? resolve() : signal.addEventListener("abort", () => resolve(), { once: true })));
         ctx.io.stderr("kino serve: shutting down (running jobs go back to the queue)\n");

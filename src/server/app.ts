@@ -21,6 +21,7 @@ import { JobJournal } from "./jobs/journal.ts";
 import { recoverInterrupted } from "./jobs/recovery.ts";
 import { JobService } from "./jobs/service.ts";
 import { SqliteJobStore } from "./jobs/sqlite-store.ts";
+import type { SharedQueue } from "./jobs/shared-queue.ts";
 import type { JobStore } from "./jobs/store.ts";
 import { checkServeOptions, isLoopbackHost, type ServeOptions } from "./options.ts";
 import type { RouteContext } from "./routes/context.ts";
@@ -46,6 +47,11 @@ export interface ServerDeps {
   readonly clock?: Clock;
   /** @default the sqlite store of `options.dataDir` */
   readonly store?: JobStore;
+  /**
+   * A queue shared with other nodes (`--queue redis://…`), with `store` shared by them too: jobs
+   * submitted to any node run on whichever has an engine free. @default none
+   */
+  readonly sharedQueue?: SharedQueue;
   /** @default silent */
   readonly logger?: Logger;
   /** More route modules, registered after the native ones. */
@@ -80,9 +86,13 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
   const logger = deps.logger ?? silentLogger;
   const store = deps.store ?? SqliteJobStore.open(options.dataDir);
   const journal = new JobJournal(store, clock);
-  const recovered = await recoverInterrupted(journal);
-  if (recovered.requeued.length + recovered.failed.length > 0) {
-    logger.warn(`the last server stopped while jobs ran: ${recovered.requeued.length} requeued, ${recovered.failed.length} failed (interrupted twice)`);
+  // Jobs running in a shared store may be running on another node: the shared queue finds the
+  // ones whose node died (their lock expires) and the node that takes them recovers them.
+  if (deps.sharedQueue === undefined) {
+    const recovered = await recoverInterrupted(journal);
+    if (recovered.requeued.length + recovered.failed.length > 0) {
+      logger.warn(`the last server stopped while jobs ran: ${recovered.requeued.length} requeued, ${recovered.failed.length} failed (interrupted twice)`);
+    }
   }
   const scheduler = new Scheduler({
     journal,
@@ -94,6 +104,7 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
     cacheDir: join(config.cache, "runtime"),
     defaultKeepAliveMs: options.keepAliveMs,
     queueSize: options.queueSize,
+    shared: deps.sharedQueue,
   });
   const service = new JobService({ journal, scheduler, modelsDir: config.modelsDir, dataDir: options.dataDir });
 
@@ -117,7 +128,8 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
   for (const plugin of deps.routes ?? []) await app.register(plugin, ctx);
   await app.ready();
 
-  void scheduler.start(await store.withStatus("queued"));
+  // A shared queue holds the queued jobs itself.
+  void scheduler.start(deps.sharedQueue === undefined ? await store.withStatus("queued") : []);
 
   let closing: Promise<void> | null = null;
   return {

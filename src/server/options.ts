@@ -31,6 +31,11 @@ export interface ServeOptions {
   readonly bodyLimitBytes: number;
   /** The job database and the jobs' outputs. */
   readonly dataDir: string;
+  /**
+   * A Redis shared with other nodes (redis://host:port[/db]): jobs, events and the queue live there,
+   * and the data folder holds only the videos. null: this node alone, on sqlite.
+   */
+  readonly queue: string | null;
 }
 
 /** What the CLI flags carry (strings, as typed). */
@@ -41,6 +46,7 @@ export interface ServeFlags {
   readonly queueSize?: string;
   readonly keepAlive?: string;
   readonly dataDir?: string;
+  readonly queue?: string;
 }
 
 const invalid = (field: string, message: string) => new KinoError("INVALID_ARGUMENT", message, { field });
@@ -62,6 +68,7 @@ export function resolveServeOptions(
     keepAliveMs: flags.keepAlive === undefined ? DEFAULT_KEEP_ALIVE_MS : parseKeepAlive(flags.keepAlive, "keepAlive"),
     bodyLimitBytes: DEFAULT_BODY_LIMIT_BYTES,
     dataDir: flags.dataDir === undefined ? config.dataDir : resolve(cwd, flags.dataDir),
+    queue: flags.queue ?? null,
   });
   checkServeOptions(options);
   return options;
@@ -73,12 +80,38 @@ export function checkServeOptions(o: ServeOptions): void {
   if (o.apiKey !== null && o.apiKey.length < 16) {
     throw invalid("apiKey", "is shorter than 16 characters; use a long random key (e.g. openssl rand -hex 32)");
   }
+  if (o.queue !== null) checkQueueUrl(o.queue);
   if (!isLoopbackHost(o.host) && o.apiKey === null) {
     throw new KinoError(
       "API_KEY_REQUIRED",
       `binding to ${o.host} lets other machines reach the server, so it needs an API key; none is set`,
       { field: "apiKey" },
     );
+  }
+}
+
+/** @throws KinoError INVALID_ARGUMENT (field "queue") for an address that is not redis:// or rediss:// */
+export function checkQueueUrl(url: string): void {
+  let parsed: URL | null = null;
+  try {
+    parsed = new URL(url);
+  } catch {
+    // Reported below.
+  }
+  if (parsed === null || !["redis:", "rediss:"].includes(parsed.protocol) || parsed.hostname === "") {
+    const shown = parsed === null ? url.slice(0, 200) : `${parsed.protocol}//${parsed.host}${parsed.pathname}`;
+    throw invalid("queue", `must be a Redis address such as redis://host:6379 (rediss:// for TLS); got "${shown}"`);
+  }
+}
+
+/** A Redis address without its password, for messages. */
+export function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password !== "") u.password = "***";
+    return u.toString();
+  } catch {
+    return url.slice(0, 200);
   }
 }
 

@@ -20,6 +20,8 @@ export class JobJournal {
     this.#clock = clock;
     // One listener per open SSE stream of a job: there is no sensible maximum.
     this.#live.setMaxListeners(0);
+    // Events other servers record in a shared store reach this server's streams too.
+    store.watchEvents?.((event) => this.#publish(event));
   }
 
   async create(id: string, submission: JobSubmission, event: JobEventData): Promise<StoredJob> {
@@ -42,6 +44,15 @@ export class JobJournal {
   /** Records an event that changes nothing else (progress). */
   note(id: string, event: JobEventData): Promise<StoredJob> {
     return this.update(id, {}, event);
+  }
+
+  /** Records that a job was cancelled before it started (it was taken out of a queue). */
+  cancelledBeforeStart(id: string): Promise<StoredJob> {
+    return this.update(
+      id,
+      { status: "cancelled", finishedAt: this.now(), cancelRequested: true },
+      { type: "cancelled", reason: "cancelled at the client's request before it started" },
+    );
   }
 
   /** Live events of one job from now on; returns the unsubscribe function. */

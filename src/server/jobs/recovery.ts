@@ -26,23 +26,29 @@ export async function recoverInterrupted(journal: JobJournal): Promise<{ requeue
   const requeued: string[] = [];
   const failed: string[] = [];
   for (const job of await journal.store.withStatus("running")) {
-    const interruptions = job.interruptions + 1;
-    if (recoveryAction(job) === "requeue") {
-      await journal.update(
-        job.id,
-        { status: "queued", startedAt: null, interruptions },
-        { type: "notice", message: "requeued: the server stopped while this job ran (it is retried once after an unclean stop)" },
-      );
-      requeued.push(job.id);
-    } else {
-      const error: ErrorInfo = {
-        code: "INTERRUPTED",
-        message: `the server stopped while this job ran, ${interruptions} times; it is not retried again (it may be what stops the server)`,
-        field: null,
-      };
-      await journal.update(job.id, { status: "failed", finishedAt: journal.now(), error, interruptions }, { type: "failed", error });
-      failed.push(job.id);
-    }
+    (recoveryAction(job) === "requeue" ? requeued : failed).push(job.id);
+    await applyRecovery(journal, job);
   }
   return { requeued, failed };
+}
+
+/**
+ * Recovers one job found running whose server is gone (at a restart, or taken from a shared queue
+ * after its node died): requeued (a notice says why) or failed with INTERRUPTED.
+ */
+export async function applyRecovery(journal: JobJournal, job: StoredJob): Promise<StoredJob> {
+  const interruptions = job.interruptions + 1;
+  if (recoveryAction(job) === "requeue") {
+    return journal.update(
+      job.id,
+      { status: "queued", startedAt: null, interruptions },
+      { type: "notice", message: "requeued: the server stopped while this job ran (it is retried once after an unclean stop)" },
+    );
+  }
+  const error: ErrorInfo = {
+    code: "INTERRUPTED",
+    message: `the server stopped while this job ran, ${interruptions} times; it is not retried again (it may be what stops the server)`,
+    field: null,
+  };
+  return journal.update(job.id, { status: "failed", finishedAt: journal.now(), error, interruptions }, { type: "failed", error });
 }

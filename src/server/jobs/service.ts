@@ -55,15 +55,23 @@ export class JobService {
     await scheduler.whenReady();
     const submission = await prepareSubmission(body, scheduler.machine(), this.#deps.modelsDir);
     const reservation = scheduler.reserve();
+    const id = randomUUID();
+    let created: StoredJob;
     try {
-      const id = randomUUID();
-      const created = await journal.create(id, submission, { type: "queued", position: scheduler.queueLength + 1 });
-      reservation.commit(created);
-      return this.#view((await journal.store.get(id)) ?? created);
+      created = await journal.create(id, submission, { type: "queued", position: scheduler.queueLength + 1 });
     } catch (err) {
       reservation.release();
       throw err;
     }
+    try {
+      await reservation.commit(created);
+    } catch (err) {
+      // Stored but not queued (a shared queue refused it): it would never run, so it fails now.
+      const error = { code: toKinoError(err).code, message: `the job could not be queued: ${toKinoError(err).message}`, field: null };
+      await journal.update(id, { status: "failed", finishedAt: journal.now(), error }, { type: "failed", error }).catch(() => {});
+      throw err;
+    }
+    return this.#view((await journal.store.get(id)) ?? created);
   }
 
   /**
@@ -108,15 +116,9 @@ export class JobService {
         field: "id",
       });
     }
-    const outcome = scheduler.cancel(id);
+    const outcome = await scheduler.cancel(id);
     if (outcome === "stopping") return this.#view(await journal.update(id, { cancelRequested: true }));
-    return this.#view(
-      await journal.update(
-        id,
-        { status: "cancelled", finishedAt: journal.now(), cancelRequested: true },
-        { type: "cancelled", reason: "cancelled at the client's request before it started" },
-      ),
-    );
+    return this.#view(await journal.cancelledBeforeStart(id));
   }
 
   /**

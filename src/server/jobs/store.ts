@@ -119,6 +119,12 @@ export interface JobStore {
   events(id: string, afterSeq: number): Promise<StoredEvent[]>;
   /** Deletes a job with its events and artifacts; false when there was none. */
   remove(id: string): Promise<boolean>;
+  /**
+   * A store shared by several servers (Redis) delivers the events the others record, as they are
+   * recorded, so every server's event streams see every job; a store of one server has nothing to
+   * deliver and leaves this out. Returns the unsubscribe function.
+   */
+  watchEvents?(listener: (event: StoredEvent) => void): () => void;
   /** Idempotent. */
   close(): Promise<void>;
 }

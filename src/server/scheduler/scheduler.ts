@@ -6,9 +6,15 @@
  *
  * Engines are discovered by starting one: if it sees several GPUs, it is replaced by one engine
  * pinned to each (CUDA_VISIBLE_DEVICES, through the factory's placement); otherwise it stays.
+ *
+ * With a shared queue (several nodes on Redis, jobs/shared-queue.ts), submissions go to the shared
+ * queue instead of the local one; the node takes a job from it when it has an engine free, puts it
+ * in its local queue (where it starts at once) and tells the shared queue when it is done with it.
  */
 import { KinoError, toKinoError } from "../../errors.ts";
 import { LocalJobQueue, type JobQueue, type QueuedJob } from "../jobs/queue.ts";
+import { applyRecovery } from "../jobs/recovery.ts";
+import type { SharedQueue, TakeOutcome } from "../jobs/shared-queue.ts";
 import type { StoredJob } from "../jobs/store.ts";
 import type { EngineStatus, Health } from "../schemas.ts";
 import type { MachineFacts } from "./admission.ts";
@@ -23,6 +29,8 @@ export interface SchedulerDeps extends Omit<RunJobDeps, "exclusiveLoad"> {
   readonly queueSize: number;
   /** @default a LocalJobQueue */
   readonly queue?: JobQueue;
+  /** A queue shared with other nodes; submissions wait there. @default none: this node's queue only */
+  readonly shared?: SharedQueue;
 }
 
 interface Running {
@@ -32,7 +40,8 @@ interface Running {
 
 /** A place in the queue held while a submission is being stored; commit or release it. */
 export interface Reservation {
-  commit(job: StoredJob): void;
+  /** Queues the stored job; resolves once it is queued (in a shared queue: durably). */
+  commit(job: StoredJob): Promise<void>;
   release(): void;
 }
 
@@ -49,11 +58,16 @@ export class Scheduler {
   #closing: Promise<void> | null = null;
   #loads: Promise<unknown> = Promise.resolve();
   readonly #runDeps: RunJobDeps;
+  /** Jobs taken from the shared queue and not yet given back, with what ends the take. */
+  readonly #taken = new Map<string, (outcome: TakeOutcome) => void>();
+  /** Taken jobs a cancellation reached before they were in the local queue. */
+  readonly #cancelledTakes = new Set<string>();
 
   constructor(deps: SchedulerDeps) {
     this.#deps = deps;
     this.#queue = deps.queue ?? new LocalJobQueue();
     this.#runDeps = { ...deps, exclusiveLoad: (load) => this.#exclusiveLoad(load) };
+    deps.shared?.onCancel((id) => void this.#cancelBroadcast(id));
   }
 
   /**
@@ -88,7 +102,7 @@ export class Scheduler {
       const why = this.#slots.map((s) => s.status().error).find((e) => e !== null);
       throw new KinoError("NO_ENGINE", `no engine can run jobs: ${why ?? "none started"}`);
     }
-    if (this.#queue.size + this.#reserved >= this.#deps.queueSize) {
+    if (this.queueLength + this.#reserved >= this.#deps.queueSize) {
       throw new KinoError("QUEUE_FULL", `the queue is full (${this.#deps.queueSize} jobs waiting)`);
     }
     this.#reserved++;
@@ -100,8 +114,9 @@ export class Scheduler {
       return true;
     };
     return {
-      commit: (job) => {
+      commit: async (job) => {
         if (!close()) return;
+        if (this.#deps.shared !== undefined) return this.#deps.shared.add(job.id);
         this.#queue.push(queueEntry(job));
         this.#dispatch();
       },
@@ -111,23 +126,27 @@ export class Scheduler {
 
   /**
    * Cancels a job: a queued one leaves the queue ("dequeued": the caller records it); a running one
-   * is stopped between steps and its runner records it ("stopping").
+   * is stopped between steps and its runner records it ("stopping"), on whichever node runs it.
    */
-  cancel(id: string): "dequeued" | "stopping" | "unknown" {
-    if (this.#queue.remove(id)) return "dequeued";
-    const running = this.#running.get(id);
-    if (running === undefined) return "unknown";
-    running.controller.abort(CANCEL);
+  async cancel(id: string): Promise<"dequeued" | "stopping" | "unknown"> {
+    const here = this.#cancelHere(id);
+    const shared = this.#deps.shared;
+    if (here !== "unknown" || shared === undefined) return here;
+    const where = await shared.withdraw(id);
+    if (where === "removed") return "dequeued";
+    if (where === "absent") return "unknown";
+    // A node holds it (this one, between taking it and queueing it, included).
+    await shared.broadcastCancel(id);
     return "stopping";
   }
 
-  /** Jobs waiting. */
+  /** Jobs waiting (in a shared queue: every node's, as last counted). */
   get queueLength(): number {
-    return this.#queue.size;
+    return this.#queue.size + (this.#deps.shared?.size ?? 0);
   }
 
   queuePosition(id: string): number | null {
-    return this.#queue.position(id);
+    return this.#queue.position(id) ?? this.#deps.shared?.position(id) ?? null;
   }
 
   engines(): EngineStatus[] {
@@ -143,7 +162,7 @@ export class Scheduler {
     return {
       status: usable === 0 ? "unavailable" : failed > 0 ? "degraded" : "ok",
       engines,
-      queue: { queued: this.#queue.size, running: this.#running.size, capacity: this.#deps.queueSize },
+      queue: { queued: this.queueLength, running: this.#running.size, capacity: this.#deps.queueSize },
     };
   }
 
@@ -153,6 +172,8 @@ export class Scheduler {
    */
   close(): Promise<void> {
     this.#closing ??= (async () => {
+      // No more jobs taken from a shared queue; those held are given back below.
+      const sharedClosed = this.#deps.shared?.close();
       for (const running of this.#running.values()) running.controller.abort(SHUTDOWN);
       // Closing the engines also ends a load (the protocol cannot cancel one) and a start in flight.
       const closeEngines = () => Promise.all(this.#slots.map((s) => s.close()));
@@ -161,6 +182,9 @@ export class Scheduler {
       await this.#ready?.catch(() => {});
       await closeEngines();
       await Promise.all([...this.#running.values()].map((r) => r.done));
+      // Taken but not started: back to the shared queue for another node.
+      for (const give of this.#taken.values()) give("requeue");
+      await sharedClosed;
     })();
     return this.#closing;
   }
@@ -176,6 +200,7 @@ export class Scheduler {
       this.#slots = gpus.map((g, i) => this.#newSlot(i, g.index));
       await Promise.all(this.#slots.map((s) => s.start()));
     }
+    if (this.#closing === null) this.#deps.shared?.consume((id) => this.#take(id), this.#slots.length);
     this.#dispatch();
   }
 
@@ -220,11 +245,69 @@ export class Scheduler {
       await runJob(job, slot, controller.signal, this.#runDeps);
     })()
       .catch((err: unknown) => this.#deps.logger.warn(`job ${entry.id}: ${toKinoError(err).message}`))
+      .then(() => this.#giveBack(entry.id))
       .finally(() => {
         this.#running.delete(entry.id);
         this.#dispatch();
       });
     this.#running.set(entry.id, { controller, done });
+  }
+
+  /** Stops a job if it is here: out of the local queue, or aborted while it runs. */
+  #cancelHere(id: string): "dequeued" | "stopping" | "unknown" {
+    if (this.#queue.remove(id)) {
+      this.#taken.get(id)?.("done");
+      return "dequeued";
+    }
+    const running = this.#running.get(id);
+    if (running === undefined) return "unknown";
+    running.controller.abort(CANCEL);
+    return "stopping";
+  }
+
+  /** A cancellation broadcast by some node, for a job this node may hold. */
+  async #cancelBroadcast(id: string): Promise<void> {
+    const here = this.#cancelHere(id);
+    if (here === "dequeued") {
+      await this.#deps.journal.cancelledBeforeStart(id).catch((err: unknown) => this.#deps.logger.warn(`job ${id}: ${toKinoError(err).message}`));
+    } else if (here === "unknown" && this.#taken.has(id)) {
+      this.#cancelledTakes.add(id);
+    }
+  }
+
+  /**
+   * Takes a job from the shared queue: runs it here, and resolves once this node is done with it.
+   * A job found running was held by a node that died (the shared queue's lock expired): recovery
+   * decides whether it runs again.
+   */
+  async #take(id: string): Promise<TakeOutcome> {
+    if (this.#closing !== null) return "requeue";
+    const { journal } = this.#deps;
+    const done = new Promise<TakeOutcome>((resolve) => this.#taken.set(id, resolve));
+    try {
+      let job = await journal.store.get(id);
+      if (job?.status === "running") job = await applyRecovery(journal, job);
+      if (job === undefined || job.status !== "queued") return "done";
+      if (job.cancelRequested || this.#cancelledTakes.has(id)) {
+        await journal.cancelledBeforeStart(id);
+        return "done";
+      }
+      if (this.#closing !== null) return "requeue";
+      this.#queue.push(queueEntry(job));
+      this.#dispatch();
+      return await done;
+    } finally {
+      this.#taken.delete(id);
+      this.#cancelledTakes.delete(id);
+    }
+  }
+
+  /** After a taken job's run: requeued (the node shuts down) goes back to the shared queue. */
+  async #giveBack(id: string): Promise<void> {
+    const give = this.#taken.get(id);
+    if (give === undefined) return;
+    const job = await this.#deps.journal.store.get(id).catch(() => undefined);
+    give(job?.status === "queued" ? "requeue" : "done");
   }
 
   #exclusiveLoad<T>(load: () => Promise<T>): Promise<T> {
