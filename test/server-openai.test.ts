@@ -213,7 +213,9 @@ describe("/v1/videos on FakeEngine", () => {
   test("the OpenAPI document lists the /v1 routes", async () => {
     const doc = (await t.server.app.inject({ method: "GET", url: "/openapi.json" })).json();
     assert.deepEqual(Object.keys(doc.paths["/v1/videos/{id}"]).sort(), ["delete", "get"]);
-    assert.ok(doc.paths["/v1/videos"].post.requestBody.content["application/json"].schema.$ref.endsWith("OpenAIVideoCreate"));
+    const content = doc.paths["/v1/videos"].post.requestBody.content;
+    assert.deepEqual(Object.keys(content), ["application/json", "multipart/form-data"]);
+    assert.ok(content["multipart/form-data"].schema.$ref.endsWith("OpenAIVideoCreate"));
     assert.ok(doc.components.schemas.OpenAIVideo.properties.progress);
   });
 });

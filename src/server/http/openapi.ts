@@ -39,7 +39,7 @@ export function openApiDocument(routes: readonly RouteDoc[], info: OpenApiInfo):
       ...(route.description === undefined ? {} : { description: route.description }),
       tags: route.tags,
       ...(parameters.length > 0 ? { parameters } : {}),
-      ...(route.body === undefined ? {} : { requestBody: { required: true, content: { "application/json": { schema: schemaOf(route.body, "input") } } } }),
+      ...(route.body === undefined ? {} : { requestBody: { required: true, content: bodyContent(route.body, route.bodyTypes, schemaOf) } }),
       responses,
       ...(route.public === true ? { security: [] } : {}),
     };
@@ -56,6 +56,11 @@ export function openApiDocument(routes: readonly RouteDoc[], info: OpenApiInfo):
     },
     security: [{ bearer: [] }],
   };
+}
+
+function bodyContent(body: z.ZodType, types: readonly string[] | undefined, schemaOf: (s: z.ZodType, io: "input") => Json): Json {
+  const schema = schemaOf(body, "input");
+  return Object.fromEntries((types ?? ["application/json"]).map((type) => [type, { schema }]));
 }
 
 function convert(schema: z.ZodType, io: "input" | "output"): Json {

@@ -39,6 +39,8 @@ export interface RouteDoc {
   readonly params?: z.ZodType;
   readonly query?: z.ZodType;
   readonly body?: z.ZodType;
+  /** The body's media types, for the documentation. @default ["application/json"] */
+  readonly bodyTypes?: readonly string[];
   readonly headers?: readonly RouteHeader[];
   /** By status code. */
   readonly responses: Readonly<Record<number, RouteResponse>>;

@@ -48,6 +48,7 @@ export const openaiRoutes: RoutePlugin = async (app, ctx) => {
       "seconds × fps rounded to 4k+1. kino extensions: seed, steps, guidance, negative_prompt.",
     tags: TAGS,
     body: VideoCreateBody,
+    bodyTypes: ["application/json", "multipart/form-data"],
     responses: {
       200: { description: "The video, queued (or already in progress).", schema: Video },
       400: error("A field is wrong; `param` names it."),
