@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything kino needs on a fresh machine, idempotently:
-#   system packages (ffmpeg for ffprobe/concat, python3-venv, chromium and redis-server for the server's
-#   tests) from Debian when missing,
+#   system packages (ffmpeg for ffprobe/concat, python3-venv; with --tests also chromium and
+#   redis-server for the server's tests) from Debian when missing,
 #   Node >= 22 (from the npm registry's node-linux-<arch> package when the machine's Node is older),
 #   the Node dependencies and the TypeScript build,
 #   a Python environment with torch, diffusers, transformers, safetensors, huggingface_hub and PyAV,
@@ -14,9 +14,12 @@ say() { echo "[kino setup] $*" >&2; }
 # --- system packages ---
 missing=()
 command -v ffprobe >/dev/null 2>&1 || missing+=(ffmpeg)
-# The web UI's tests drive Debian's Chromium (playwright-core); the shared-queue tests run a redis-server.
-command -v chromium >/dev/null 2>&1 || missing+=(chromium)
-command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# Only for the tests (scripts/test.sh passes --tests): the web UI's tests drive Debian's Chromium
+# (playwright-core) and the shared-queue tests run a redis-server. Generating a video needs neither.
+if [ "${1:-}" = "--tests" ]; then
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+fi
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

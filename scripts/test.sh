@@ -3,7 +3,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib/env.sh"
 cd "$KINO_ROOT"
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 NODE=$(kino_find_node)
 export PATH="$(dirname "$NODE"):$PATH"
 PY="$(kino_python_env)/bin/python"
