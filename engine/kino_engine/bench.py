@@ -41,6 +41,7 @@ from . import __version__
 from .floor import measure_floor
 from .pipelines.wan import WanT2V
 from .protocol import JobSpec, parse_job_spec, parse_model_spec
+from .runtime.memory import synchronize
 from .runtime.optimize import optimize
 from .runtime.options import RuntimeOptions
 from .tool_answer import answer, read_spec
@@ -184,11 +185,6 @@ def _memory_peak(device: torch.device) -> dict[str, Any]:
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_kino(model: WanT2V, job: JobSpec, video_path: str) -> dict[str, Any]:
     """One kino generation (text encode, denoise, decode, MP4 encode), probed."""
     device = model.device
@@ -299,7 +295,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     # Built plain (eager, torch's default attention, sequential CFG) so that diffusers' default run
     # sees the model as diffusers would load it; kino's optimizations are applied after that run.
     model = WanT2V.load(model_spec, runtime=RuntimeOptions(cfg="sequential", attention="default", compile=False))
-    _sync(model.device)
+    synchronize(model.device)
     load_s = time.perf_counter() - started
     device = model.device
     result: dict[str, Any] = {

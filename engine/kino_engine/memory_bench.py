@@ -35,7 +35,7 @@ import torch
 from .bench import environment
 from .pipelines.wan import WanT2V
 from .protocol import JobSpec, parse_job_spec, parse_memory_plan, parse_model_spec
-from .runtime.memory import PeakRam, free_device_memory
+from .runtime.memory import PeakRam, free_device_memory, reset_vram_peak, synchronize, vram_peak
 from .runtime.placement import MemoryPlan
 from .tool_answer import answer, read_spec
 
@@ -44,19 +44,10 @@ def log(message: str) -> None:
     print(f"[memory-bench] {message}", file=sys.stderr, flush=True)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    """Start a phase: earlier GPU work finished, the peak counter reset."""
+    synchronize(device)
+    reset_vram_peak(device)
 
 
 def run_case(
@@ -79,8 +70,8 @@ def run_case(
         t0 = time.perf_counter()
         cond = model.encode_prompt(job.prompt)
         uncond = model.encode_prompt(job.negative_prompt) if job.guidance > 1.0 else None
-        _sync(device)
-        result["phases"]["textEncode"] = {"seconds": time.perf_counter() - t0, "peakVramBytes": _peak(device)}
+        synchronize(device)
+        result["phases"]["textEncode"] = {"seconds": time.perf_counter() - t0, "peakVramBytes": vram_peak(device)}
 
         phase = "denoise"
         _reset(device)
@@ -88,11 +79,11 @@ def run_case(
         t0 = time.perf_counter()
         steps_job = dataclasses.replace(job, steps=warmup + timed)
         latents = model.denoise(cond, uncond, steps_job, on_step=lambda i, n, ms: step_ms.append(ms))
-        _sync(device)
+        synchronize(device)
         timed_ms = step_ms[warmup:]
         result["phases"]["denoise"] = {
             "seconds": time.perf_counter() - t0,
-            "peakVramBytes": _peak(device),
+            "peakVramBytes": vram_peak(device),
             "stepS": [ms / 1000.0 for ms in step_ms],
             "secondsPerStep": statistics.median(timed_ms) / 1000.0 if timed_ms else None,
             "forwardBatch": model.forward_batch(job),
@@ -105,8 +96,8 @@ def run_case(
             frames = 0
             for chunk in model.decode_stream(latents):
                 frames += int(chunk.shape[0])
-        _sync(device)
-        result["phases"]["decode"] = {"seconds": time.perf_counter() - t0, "peakVramBytes": _peak(device), "frames": frames}
+        synchronize(device)
+        result["phases"]["decode"] = {"seconds": time.perf_counter() - t0, "peakVramBytes": vram_peak(device), "frames": frames}
         result["oom"] = None
     except torch.OutOfMemoryError as exc:
         result["oom"] = {"phase": phase, "message": str(exc).splitlines()[0][:300]}

@@ -207,19 +207,39 @@ export async function gitProvenance(repoRoot: string): Promise<{ commit: string 
 
 /** Runs the engine's bench tool on this machine and returns its raw answer. */
 export async function runBench(config: KinoConfig, spec: BenchSpec, options: ToolOptions = {}): Promise<BenchRaw> {
-  const scratch = await mkdtemp(join(tmpdir(), "kino-bench-"));
+  return runSpecTool(config, "kino_engine.bench", spec, BenchRaw, "kino bench", options);
+}
+
+/** Reads a raw answer saved from `python -m kino_engine.bench` (the whole last line, or its result). */
+export function readRaw(path: string): Promise<BenchRaw> {
+  return readToolAnswer(path, BenchRaw, "kino bench");
+}
+
+/**
+ * Runs one of the engine's measuring tools (`python -m <module> --spec FILE`) on a spec written to a
+ * temporary file, and checks its answer against `schema` (`kind` names it in errors: "kino bench").
+ */
+export async function runSpecTool<S extends z.ZodType>(
+  config: KinoConfig,
+  module: string,
+  spec: unknown,
+  schema: S,
+  kind: string,
+  options: ToolOptions = {},
+): Promise<z.output<S>> {
+  const scratch = await mkdtemp(join(tmpdir(), "kino-tool-"));
   try {
     const specPath = join(scratch, "spec.json");
     await writeFile(specPath, JSON.stringify(spec));
-    const answer = await runEngineTool(config, ["--spec", specPath], { ...options, module: "kino_engine.bench" });
-    return parseRaw(answer.result, "the engine's bench tool");
+    const answer = await runEngineTool(config, ["--spec", specPath], { ...options, module });
+    return parseToolResult(answer.result, schema, kind, `the engine's ${module}`);
   } finally {
     await rm(scratch, { recursive: true, force: true });
   }
 }
 
-/** Reads a raw answer saved from `python -m kino_engine.bench` (the whole last line, or its result). */
-export async function readRaw(path: string): Promise<BenchRaw> {
+/** A tool's answer saved to a file (its whole last line, or just the result), checked against `schema`. */
+export async function readToolAnswer<S extends z.ZodType>(path: string, schema: S, kind: string): Promise<z.output<S>> {
   let parsed: unknown;
   try {
     parsed = JSON.parse(await readFile(path, "utf8"));
@@ -227,14 +247,14 @@ export async function readRaw(path: string): Promise<BenchRaw> {
     throw new KinoError("INVALID_ARGUMENT", `cannot read ${path} as JSON: ${(err as Error).message}`, { field: "from" });
   }
   const body = (parsed as { result?: unknown; ok?: unknown }).ok === true ? (parsed as { result: unknown }).result : parsed;
-  return parseRaw(body, path);
+  return parseToolResult(body, schema, kind, path);
 }
 
-function parseRaw(value: unknown, what: string): BenchRaw {
-  const parsed = BenchRaw.safeParse(value);
+function parseToolResult<S extends z.ZodType>(value: unknown, schema: S, kind: string, what: string): z.output<S> {
+  const parsed = schema.safeParse(value);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
-    throw new KinoError("INVALID_ARGUMENT", `${what} is not a kino bench result: ${issue?.path.join(".")}: ${issue?.message}`, { field: "from" });
+    throw new KinoError("INVALID_ARGUMENT", `${what} is not a ${kind} result: ${issue?.path.join(".")}: ${issue?.message}`, { field: "from" });
   }
   return parsed.data;
 }

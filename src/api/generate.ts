@@ -22,10 +22,10 @@ import type { EngineClient, EngineFactory } from "../engine/client.ts";
 import { KinoError, toKinoError } from "../errors.ts";
 import type { Device, DeviceInfo, DType, EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../protocol/engine.ts";
 import { jobFieldsOf, memorySpecOf, runtimeFieldsOf } from "../planner/execute.ts";
-import { H100_80GB, type HardwareProfile } from "../planner/hardware.ts";
+import { reportedProfile } from "../planner/hardware.ts";
 import { corrections, PeakLog, peakRecords } from "../planner/learn.ts";
 import { checkpointManifest } from "../planner/checkpoint-manifest.ts";
-import { hardwareFromProbe, probeKey } from "../planner/probe-cache.ts";
+import { probeKey, withMeasuredRates } from "../planner/probe-cache.ts";
 import { probeCacheFor } from "./probe.ts";
 import { modelManifest } from "../planner/manifest.ts";
 import { DEFAULT_MARGIN, describeDecode, describePlacement, plan, type Plan } from "../planner/plan.ts";
@@ -248,15 +248,8 @@ export async function planRun(
   const probed = await probeCacheFor(config)
     .read(probeKey(hello), { quick: true })
     .catch(() => null);
-  const rates = probed !== null && probed.result.device === "cuda" ? hardwareFromProbe(probed.result, { modelWidth: manifest.transformer.shape.width }) : H100_80GB;
-  const hardware: HardwareProfile = {
-    ...rates,
-    name: gpu.name,
-    vramTotal: gpu.totalBytes,
-    vramFree: gpu.freeBytes,
-    hostRam: hello.hostRamBytes,
-    pinnedLimit: Math.min(rates === H100_80GB ? Infinity : rates.pinnedLimit, hello.hostRamBytes / 2),
-  };
+  const reported = reportedProfile(gpu, hello.hostRamBytes);
+  const hardware = probed?.result.device === "cuda" ? withMeasuredRates(reported, probed.result, manifest.transformer.shape.width) : reported;
   const records = await peaks.read().catch(() => []);
   const budget = {
     vram: options.vram === undefined ? undefined : parseByteSize(options.vram, "vram"),

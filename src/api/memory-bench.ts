@@ -5,20 +5,17 @@
  * each measurement beside its prediction. Like `kino bench`, the halves can run apart (`specOnly`,
  * `fromRaw`) for a GPU machine without Node.
  */
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { z } from "zod";
 import { findCatalogModel } from "../catalog/models.ts";
 import type { KinoConfig } from "../config/config.ts";
-import { runEngineTool, type ToolOptions } from "../engine/tools.ts";
+import type { ToolOptions } from "../engine/tools.ts";
 import { KinoError, toKinoError } from "../errors.ts";
 import { MemorySpec, ModelSpec } from "../protocol/engine.ts";
 import { jobFieldsOf, memorySpecOf } from "../planner/execute.ts";
 import { findHardwarePreset, HARDWARE_PRESETS } from "../planner/hardware.ts";
 import { modelManifest } from "../planner/manifest.ts";
 import { plan, type MemoryLevel, type Plan } from "../planner/plan.ts";
-import { gpuSlug, ProvenanceSchema, randomRun, RandomRunOptions, RunJob, writeRecord, type Provenance } from "./bench.ts";
+import { gpuSlug, ProvenanceSchema, randomRun, RandomRunOptions, readToolAnswer, RunJob, runSpecTool, writeRecord, type Provenance } from "./bench.ts";
 import { parseByteSize } from "./plan.ts";
 
 export const MemoryBenchOptions = RandomRunOptions.extend({
@@ -235,37 +232,13 @@ export function memoryBenchReport(raw: MemoryBenchRaw, now: Date = new Date()): 
 }
 
 /** Runs the engine's memory bench tool on this machine. */
-export async function runMemoryBench(config: KinoConfig, spec: MemoryBenchSpec, options: ToolOptions = {}): Promise<MemoryBenchRaw> {
-  const scratch = await mkdtemp(join(tmpdir(), "kino-memory-bench-"));
-  try {
-    const specPath = join(scratch, "spec.json");
-    await writeFile(specPath, JSON.stringify(spec));
-    const answer = await runEngineTool(config, ["--spec", specPath], { ...options, module: "kino_engine.memory_bench" });
-    return parseMemoryRaw(answer.result, "the engine's memory bench tool");
-  } finally {
-    await rm(scratch, { recursive: true, force: true });
-  }
+export function runMemoryBench(config: KinoConfig, spec: MemoryBenchSpec, options: ToolOptions = {}): Promise<MemoryBenchRaw> {
+  return runSpecTool(config, "kino_engine.memory_bench", spec, MemoryBenchRaw, "kino memory bench", options);
 }
 
 /** A raw answer saved from `python -m kino_engine.memory_bench` (the whole last line, or its result). */
-export async function readMemoryRaw(path: string): Promise<MemoryBenchRaw> {
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(await readFile(path, "utf8"));
-  } catch (err) {
-    throw new KinoError("INVALID_ARGUMENT", `cannot read ${path} as JSON: ${(err as Error).message}`, { field: "from" });
-  }
-  const body = (parsed as { ok?: unknown }).ok === true ? (parsed as { result: unknown }).result : parsed;
-  return parseMemoryRaw(body, path);
-}
-
-export function parseMemoryRaw(value: unknown, what: string): MemoryBenchRaw {
-  const parsed = MemoryBenchRaw.safeParse(value);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    throw new KinoError("INVALID_ARGUMENT", `${what} is not a kino memory bench result: ${issue?.path.join(".")}: ${issue?.message}`, { field: "from" });
-  }
-  return parsed.data;
+export function readMemoryRaw(path: string): Promise<MemoryBenchRaw> {
+  return readToolAnswer(path, MemoryBenchRaw, "kino memory bench");
 }
 
 /** 2026-11-22-h100-wan2.1-t2v-14b-832x480x81-memory-abc1234.json; never replaces a record. */

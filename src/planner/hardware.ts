@@ -61,3 +61,12 @@ export const HARDWARE_PRESETS: readonly HardwareProfile[] = [H100_80GB, RTX4090_
 export function findHardwarePreset(name: string): HardwareProfile | undefined {
   return HARDWARE_PRESETS.find((h) => h.name === name);
 }
+
+/**
+ * The profile of a GPU as its engine reports it now (name, total and free VRAM, host RAM; pinning
+ * capped at half the RAM), with the H100 preset's rates until a probe measures this machine's.
+ */
+export function reportedProfile(gpu: { readonly name: string; readonly totalBytes: number; readonly freeBytes: number }, hostRamBytes: number | null): HardwareProfile {
+  const hostRam = hostRamBytes ?? H100_80GB.hostRam;
+  return { ...H100_80GB, name: gpu.name, vramTotal: gpu.totalBytes, vramFree: gpu.freeBytes, hostRam, pinnedLimit: hostRam / 2 };
+}

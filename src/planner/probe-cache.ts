@@ -175,6 +175,15 @@ export function hardwareFromProbe(result: ProbeResult, options: { modelWidth?: n
   });
 }
 
+/**
+ * `reported` (VRAM and RAM as the engine reports them now) with a probe's measured copy and compute
+ * rates and pinned cap; the rates are the ones at `modelWidth` where given (see hardwareFromProbe).
+ */
+export function withMeasuredRates(reported: HardwareProfile, result: ProbeResult, modelWidth?: number): HardwareProfile {
+  const m = hardwareFromProbe(result, { modelWidth });
+  return { ...reported, pinnedLimit: m.pinnedLimit, h2d: m.h2d, d2h: m.d2h, gemmFlops: m.gemmFlops, attentionFlops: m.attentionFlops, cpuFlops: m.cpuFlops };
+}
+
 /** The rate measured at the width nearest `width` (the wider on a tie), or the median without one. */
 export function rateAt(measures: readonly { width: number; rate: number }[], width?: number): number {
   if (measures.length === 0) throw new Error("no measurement to take a rate from");
@@ -206,9 +215,7 @@ export class MeasuredProfiles {
   /** `reported` with the measured copy and compute rates and pinned cap of `gpuName`, where it was probed; else `reported`. */
   apply(reported: HardwareProfile, gpuName: string): HardwareProfile {
     const result = this.#byGpu.get(gpuName);
-    if (result === undefined) return reported;
-    const m = hardwareFromProbe(result);
-    return { ...reported, name: m.name, pinnedLimit: m.pinnedLimit, h2d: m.h2d, d2h: m.d2h, gemmFlops: m.gemmFlops, attentionFlops: m.attentionFlops, cpuFlops: m.cpuFlops };
+    return result === undefined ? reported : { ...withMeasuredRates(reported, result), name: hardwareFromProbe(result).name };
   }
 
   clear(): void {

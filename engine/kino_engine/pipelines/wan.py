@@ -40,7 +40,7 @@ from ..protocol import CheckpointSource, EngineFailure, JobSpec, ModelSpec, Phas
 from ..runtime.attention import AttentionShape
 from ..runtime.hotloop import GuidanceBuffers, StepTimer, make_stepper
 from ..runtime.optimize import Runtime, optimize
-from ..runtime.memory import free_device_memory
+from ..runtime.memory import free_device_memory, synchronize
 from ..runtime.options import RuntimeOptions
 from ..runtime.placement import COMPONENTS, MemoryPlan, Placer
 from ..system import resolve_device, torch_dtype
@@ -79,13 +79,6 @@ def clean_prompt(text: str) -> str:
     """Wan's prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip()
-
-
-def _sync(device: torch.device) -> None:
-    # Timings must cover the GPU work, not its launch; one sync per step/phase costs microseconds
-    # against steps that take tens of milliseconds or more.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -355,7 +348,7 @@ class WanT2V:
         )
         with self.placer.active("transformer"):
             self._velocity(buffers, latents, scheduler.timesteps[0], job.guidance if guided else None)
-            _sync(self.device)
+            synchronize(self.device)
         return (time.perf_counter() - started) * 1000.0
 
     @torch.inference_mode()
@@ -524,7 +517,7 @@ class _PhaseClock:
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
         yield  # an exception here propagates: a failed phase has no end
-        _sync(self.device)
+        synchronize(self.device)
         self.ms[phase] = (time.perf_counter() - started) * 1000.0
         if cuda:
             self.peak_vram[phase] = int(torch.cuda.max_memory_allocated(self.device))

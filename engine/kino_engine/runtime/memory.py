@@ -74,6 +74,12 @@ def vram_allocated(device: torch.device) -> int | None:
     return int(torch.cuda.memory_allocated(device)) if is_cuda(device) else None
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings must cover it, not its launch); a no-op off CUDA."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
 def reset_vram_peak(device: torch.device) -> None:
     if is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)

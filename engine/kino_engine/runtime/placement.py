@@ -165,6 +165,24 @@ class HostBuffer:
             self.registered = False
 
 
+def _adopt(host: HostBuffer, base: int, tensors: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
+    """Copy `tensors` into `host` at base + their offsets and point them there; returns the views.
+    Each tensor's original storage (device or pageable host) is released as it moves."""
+    views = []
+    for t, offset in zip(tensors, offsets):
+        view = host.view(base + offset, t)
+        view.copy_(t.data)
+        t.data = view
+        views.append(view)
+    return views
+
+
+def _to_device(tensors: list[torch.Tensor], views: list[torch.Tensor], device: torch.device) -> None:
+    """Point `tensors` at fresh device copies of their host views (a placement undone)."""
+    for t, view in zip(tensors, views):
+        t.data = view.to(device, copy=True)
+
+
 def _host_register(buffer: torch.Tensor) -> bool:
     try:
         err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
@@ -185,12 +203,7 @@ class SwappedComponent:
         self.tensors = _tensors(module)
         offsets, size = _layout(self.tensors)
         self.host = HostBuffer(size, pin=device.type == "cuda")
-        self.host_views = []
-        for t, offset in zip(self.tensors, offsets):
-            view = self.host.view(offset, t)
-            view.copy_(t.data)
-            t.data = view  # the original storage (device or pageable host) is released here
-            self.host_views.append(view)
+        self.host_views = _adopt(self.host, 0, self.tensors, offsets)
         self.inside = False
 
     @property
@@ -213,8 +226,7 @@ class SwappedComponent:
 
     def restore(self) -> None:
         """Back to an ordinary resident module on the device (copies its weights there)."""
-        for t, host in zip(self.tensors, self.host_views):
-            t.data = host.to(self.device, copy=True)
+        _to_device(self.tensors, self.host_views, self.device)
         self.host.close()
 
 
@@ -267,15 +279,7 @@ class BlockStreamer:
         self.offsets, self.block_bytes = _layout(first)
         count = len(self.streamed)
         self.host = HostBuffer(self.block_bytes * count, pin=self.cuda)
-        self.host_views: list[list[torch.Tensor]] = []
-        for p, ts in enumerate(self.tensors):
-            views = []
-            for t, offset in zip(ts, self.offsets):
-                view = self.host.view(p * self.block_bytes + offset, t)
-                view.copy_(t.data)
-                t.data = view
-                views.append(view)
-            self.host_views.append(views)
+        self.host_views = [_adopt(self.host, p * self.block_bytes, ts, self.offsets) for p, ts in enumerate(self.tensors)]
         self.slots_count = min(prefetch + 1, count)
         self.slots: list[torch.Tensor] = []
         self.slot_views: list[list[torch.Tensor]] = []
@@ -399,8 +403,7 @@ class BlockStreamer:
         """Every block resident again; the ModuleList back to a plain one."""
         self.leave()
         for ts, views in zip(self.tensors, self.host_views):
-            for t, view in zip(ts, views):
-                t.data = view.to(self.device, copy=True)
+            _to_device(ts, views, self.device)
         blocks = getattr(self.owner, self.attr)
         blocks.__class__ = torch.nn.ModuleList
         del blocks._kino_streamer

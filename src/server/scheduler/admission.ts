@@ -13,7 +13,7 @@
 import { findCatalogModel } from "../../catalog/models.ts";
 import { KinoError, toKinoError } from "../../errors.ts";
 import type { DeviceInfo } from "../../protocol/engine.ts";
-import { GiB, H100_80GB, type HardwareProfile } from "../../planner/hardware.ts";
+import { GiB, reportedProfile, type HardwareProfile } from "../../planner/hardware.ts";
 import { modelManifest } from "../../planner/manifest.ts";
 import { measuredProfiles } from "../../planner/probe-cache.ts";
 import { DEFAULT_MARGIN, plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
@@ -28,9 +28,7 @@ export interface MachineFacts {
 
 /** A planner profile for a GPU an engine reported, with its measured rates where it was probed (kino serve probes each GPU model once). */
 export function hardwareFor(gpu: DeviceInfo, hostRamBytes: number | null): HardwareProfile {
-  const hostRam = hostRamBytes ?? H100_80GB.hostRam;
-  const reported = { ...H100_80GB, name: gpu.name, vramTotal: gpu.totalBytes, vramFree: gpu.freeBytes, hostRam, pinnedLimit: hostRam / 2 };
-  return measuredProfiles.apply(reported, gpu.name);
+  return measuredProfiles.apply(reportedProfile(gpu, hostRamBytes), gpu.name);
 }
 
 /**
