@@ -24,6 +24,7 @@ adds the command, the commit and the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -259,6 +260,14 @@ def run_diffusers(model: WanT2V, pipe: Any, job: JobSpec, video_path: str) -> di
     }
 
 
+def run_diffusers_plain_blocks(model: WanT2V, pipe: Any, job: JobSpec, video_path: str) -> dict[str, Any]:
+    """`run_diffusers` over kino's compiled transformer with kino's fusions undone (diffusers' own
+    blocks, compiled with inductor's own heuristics): diffusers at its best documented settings."""
+    fusions = model.runtime.fusions
+    with fusions.disabled() if fusions is not None else contextlib.nullcontext():
+        return run_diffusers(model, pipe, job, video_path)
+
+
 def _ratio(kino: float | None, reference: float | None) -> float | None:
     if kino is None or reference is None or reference == 0:
         return None
@@ -268,7 +277,8 @@ def _ratio(kino: float | None, reference: float | None) -> float | None:
 #: The reference systems the bench knows: diffusers' WanPipeline as it comes ("diffusers"), and the
 #: same pipeline at its best documented settings ("diffusers-compiled": the transformer's repeated
 #: blocks compiled and the fastest exact attention backend), which it gets by running over the
-#: transformer after kino optimized it (the same torch.compile of the same blocks, the same backend).
+#: transformer after kino optimized it (the same torch.compile of the same blocks, the same backend),
+#: with kino's fusions undone (runtime/fuse.py), so its blocks are diffusers' own.
 REFERENCES = ("diffusers", "diffusers-compiled")
 
 
@@ -278,6 +288,7 @@ def _runtime_options(values: dict[str, Any] | None, cache_dir: str | None) -> Ru
         cfg=values.get("cfg", "auto"),
         attention=values.get("attention", "auto"),
         compile=bool(values.get("compile", False)),
+        fuse=bool(values.get("fuse", True)),
         cache_dir=Path(cache_dir) if cache_dir else None,
     )
 
@@ -294,7 +305,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     # Built plain (eager, torch's default attention, sequential CFG) so that diffusers' default run
     # sees the model as diffusers would load it; kino's optimizations are applied after that run.
-    model = WanT2V.load(model_spec, runtime=RuntimeOptions(cfg="sequential", attention="default", compile=False))
+    plain = RuntimeOptions(cfg="sequential", attention="default", compile=False, fuse=False)
+    model = WanT2V.load(model_spec, runtime=plain)
     synchronize(model.device)
     load_s = time.perf_counter() - started
     device = model.device
@@ -325,7 +337,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             phases.append(("diffusers", lambda j, p: run_diffusers(model, pipe, j, p), None))
         phases.append(("kino", lambda j, p: run_kino(model, j, p), optimize_kino))
         if "diffusers-compiled" in references:
-            phases.append(("diffusers-compiled", lambda j, p: run_diffusers(model, pipe, j, p), None))
+            phases.append(("diffusers-compiled", lambda j, p: run_diffusers_plain_blocks(model, pipe, j, p), None))
         for name, go, before in phases:
             if before is not None:
                 before()

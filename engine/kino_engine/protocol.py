@@ -458,6 +458,7 @@ def _parse_runtime(value: Any, path: str) -> RuntimeOptions:
             cache_dir=Path(cache_dir) if cache_dir is not None else None,
             weights=obj.get("weights") or "exact",
             attention_precision=obj.get("attentionPrecision") or "exact",
+            fuse=obj.get("fuse", True),
         )
     except ValueError as exc:
         raise _bad(path, str(exc)) from exc

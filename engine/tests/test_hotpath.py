@@ -261,3 +261,48 @@ def test_prewarm_runs_one_forward_at_the_job_shape(tiny_checkpoint: Path, monkey
 def test_runtime_options_name_the_bad_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"RuntimeOptions.{field} "):
         RuntimeOptions(**kwargs)
+
+
+class _FakeEvent:
+    """A CUDA event stand-in: completes after `ready_after` queries; counts synchronize calls."""
+
+    synchronized = 0
+    queries = 0
+    ready_after = 3
+
+    def __init__(self, enable_timing: bool = False):
+        self._asked = 0
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        _FakeEvent.queries += 1
+        self._asked += 1
+        return self._asked > _FakeEvent.ready_after
+
+    def synchronize(self) -> None:
+        _FakeEvent.synchronized += 1
+
+    def elapsed_time(self, other: "_FakeEvent") -> float:
+        return 1.0
+
+
+def test_step_timer_polls_instead_of_synchronizing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ahead of the GPU by more than max_ahead, the timer waits by polling the oldest step's event:
+    no cudaEventSynchronize inside the loop (only `finish`, after the loop, may wait)."""
+    from kino_engine.runtime import hotloop
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(hotloop, "POLL_S", 0.0)
+    _FakeEvent.synchronized = _FakeEvent.queries = 0
+    reported: list[int] = []
+    timer = hotloop.StepTimer(torch.device("cuda"), 6, lambda i, n, ms: reported.append(i), max_ahead=1)
+    for index in range(6):
+        timer.begin(index)
+        timer.end(index)
+        assert len(timer._pending) <= 1, "the host ran more than max_ahead steps ahead"
+    assert _FakeEvent.synchronized == 0, "the step timer synchronized inside the loop"
+    assert _FakeEvent.queries > 6, "the timer never had to wait: the test does not exercise the bound"
+    timer.finish()
+    assert reported == [1, 2, 3, 4, 5, 6]

@@ -86,6 +86,8 @@ export const RuntimeSpec = z.object({
   weights: z.enum(["exact", "fp8", "fp8-weight", "int8", "int8-dynamic"]).optional(),
   /** Self-attention: exact, or kino's lossy low-bit kernel "<QK>-<PV>". @default "exact" */
   attentionPrecision: z.enum(["exact", "int8-fp8", "int8-bf16", "fp8-fp8", "fp8-bf16"]).optional(),
+  /** Fuse the blocks' small ops (GELU into its GEMM, RoPE with the q/k norm); exact up to float rounding. @default true */
+  fuse: z.boolean().optional(),
 });
 export type RuntimeSpec = z.infer<typeof RuntimeSpec>;
 

@@ -40,8 +40,8 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
+from ..runtime.fuse import Attend, FusedSelfAttnProcessor
 from .formats import FP8_DTYPE, FP8_MAX, quantize_rows_fp8, quantize_rows_int8
 
 QK = Literal["int8", "fp8"]
@@ -211,52 +211,18 @@ def sdpa_lowbit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk: QK = "int
 
 # ---- routing a model's self-attention through sdpa_lowbit ----
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-
-def _rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on (B, N, H, D), interleaved pairs (the math of diffusers' WanAttnProcessor)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
-class LowbitSelfAttnProcessor:
-    """An attention processor for diffusers' WanAttention used as self-attention (attn1): diffusers'
-    WanAttnProcessor's projections, q/k norms and rotary embedding, then `attend` (sdpa_lowbit by
-    default) instead of dispatch_attention_fn. Anything else (text or image keys, a mask) goes to the
-    processor it replaced. No Python branch depends on tensor values, so it compiles with the block.
+class LowbitSelfAttnProcessor(FusedSelfAttnProcessor):
+    """runtime/fuse.py's self-attention processor (diffusers' projections, q/k norms and rotary
+    embedding) with `sdpa_lowbit` as its attention.
 
     Why a processor and not a TorchFunctionMode around SDPA: dynamo cannot trace Tensor methods that
     call super() (Wan's `unflatten`) under a mode, so the block would not compile.
     """
 
     def __init__(self, original: Callable[..., torch.Tensor], qk: QK = "int8", pv: PV = "fp8", attend: Attend | None = None):
-        self.original = original
         self.qk, self.pv = qk, pv
-        self.attend: Attend = attend or (lambda q, k, v: sdpa_lowbit(q, k, v, self.qk, self.pv))
-
-    def __call__(
-        self,
-        attn: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)  # (B, N, H*D)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))  # (B, N, H, D)
-        if rotary_emb is not None:
-            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        out = self.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))  # (B, H, N, D)
-        hidden = out.transpose(1, 2).flatten(2, 3).type_as(query)  # (B, N, H*D)
-        return attn.to_out[1](attn.to_out[0](hidden))
+        super().__init__(original, attend or (lambda q, k, v: sdpa_lowbit(q, k, v, self.qk, self.pv)))
 
 
 def install_lowbit_attention(

@@ -1,5 +1,5 @@
 """`optimize(transformer, device, options)`: apply the hot path's optimizations from outside the
-model, in one visible order: attention backend -> low-bit attention (opt-in) -> compile. Returns the `Runtime` that remembers what
+model, in one visible order: attention backend -> low-bit attention (opt-in) -> fusions -> compile. Returns the `Runtime` that remembers what
 was applied; the pipeline calls `runtime.prepare(shape)` before the first forward at a job's shape,
 which resolves attention "auto" for that shape (measured once, cached on disk).
 
@@ -17,6 +17,7 @@ import torch
 
 from . import attention as attn
 from .compile import compile_blocks, configure_cache
+from .fuse import Fusions, fuse
 from .options import RuntimeOptions
 
 log = logging.getLogger("kino.optimize")
@@ -31,6 +32,7 @@ class Runtime:
     dtype: torch.dtype
     policy: attn.AttentionPolicy
     compiled: list[str] = field(default_factory=list)
+    fusions: Fusions | None = None
     choices: dict[attn.AttentionShape, attn.Resolution] = field(default_factory=dict)
 
     def prepare(self, shape: attn.AttentionShape) -> attn.Resolution:
@@ -61,7 +63,10 @@ def optimize(
         qk, pv = options.attention_precision.split("-")
         install_lowbit_attention(transformer, qk, pv)  # type: ignore[arg-type]
         log.info("optimize: low-bit self-attention %s", options.attention_precision)
-    # 3. Compile, with its on-disk cache configured first.
+    # 3. Fusions of the small ops (exact up to rounding; undone by `runtime.fusions.disabled()`).
+    if options.fuse:
+        runtime.fusions = fuse(transformer, device)
+    # 4. Compile, with its on-disk cache configured first.
     if options.compile:
         folder = configure_cache(options.cache_dir)
         runtime.compiled = compile_blocks(transformer, options.compile_fullgraph)

@@ -56,6 +56,11 @@ class RuntimeOptions:
     attention_precision: str = "exact"
     """Self-attention: "exact" or kino's lossy low-bit kernel "<QK>-<PV>" (e.g. "int8-fp8")."""
 
+    fuse: bool = True
+    """Fuse Wan's small ops into their neighbours (runtime/fuse.py: the FFN's GELU into its GEMM's
+    epilogue on CUDA, RoPE with the q/k norm, norm rows as one-pass reductions). Exact up to float
+    rounding (the GELU is applied before the bf16 rounding instead of after it)."""
+
     max_steps_ahead: int = 2
     """How many denoising steps the host may queue ahead of the GPU before it waits for the oldest
     one's end event (bounds the lag of progress events and cancellation; never stalls the GPU)."""
@@ -77,6 +82,8 @@ class RuntimeOptions:
             raise ValueError(
                 f"RuntimeOptions.attention_precision must be one of {LOWBIT_ATTENTION}, got {self.attention_precision!r}"
             )
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"RuntimeOptions.fuse must be a bool, got {self.fuse!r}")
         if not isinstance(self.max_steps_ahead, int) or self.max_steps_ahead < 1:
             raise ValueError(f"RuntimeOptions.max_steps_ahead must be an int >= 1, got {self.max_steps_ahead!r}")
 
