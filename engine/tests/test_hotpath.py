@@ -305,4 +305,5 @@ def test_step_timer_polls_instead_of_synchronizing(monkeypatch: pytest.MonkeyPat
     assert _FakeEvent.synchronized == 0, "the step timer synchronized inside the loop"
     assert _FakeEvent.queries > 6, "the timer never had to wait: the test does not exercise the bound"
     timer.finish()
+    assert _FakeEvent.synchronized == 0, "the end-of-loop drain synchronized instead of polling"
     assert reported == [1, 2, 3, 4, 5, 6]
