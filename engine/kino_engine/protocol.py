@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, Callable, Literal, Mapping, Union
+from typing import Any, BinaryIO, Callable, Literal, Mapping, Sequence, Union
 
 from .runtime.options import RuntimeOptions
 from .runtime.placement import ALLOWED as PLACEMENTS_ALLOWED
@@ -317,6 +317,21 @@ class JobSpec:
                 object.__setattr__(self, name, float(getattr(self, name)))
 
 
+#: The JobSpec fields every job of a batch shares (their JSON keys are the same): one denoising loop
+#: runs them together, so they must agree on the latent shape, the schedule, the guidance and how
+#: guidance is batched. Prompts, seeds, outputs, fps and the VAE's decode mode stay each job's own.
+BATCH_SHAPE_FIELDS = ("width", "height", "frames", "steps", "guidance", "shift", "cfg")
+
+
+def batch_mismatch(jobs: Sequence[JobSpec]) -> tuple[int, str] | None:
+    """The first (index, field) where a job's shape differs from the first job's; None if they all agree."""
+    for index, job in enumerate(jobs[1:], start=1):
+        for name in BATCH_SHAPE_FIELDS:
+            if getattr(job, name) != getattr(jobs[0], name):
+                return index, name
+    return None
+
+
 # ---- requests ----
 
 
@@ -339,6 +354,45 @@ class GenerateRequest:
     id: str
     job: JobSpec
     type: Literal["generate"] = "generate"
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """One job of a batch: its own id (its events, its answer and a cancel's target) and its spec."""
+
+    id: str
+    job: JobSpec
+
+
+@dataclass(frozen=True)
+class GenerateBatchRequest:
+    """Several jobs of one shape (BATCH_SHAPE_FIELDS) as one denoising loop.
+
+    Each job is answered under its own id, as a `generate` would be (events, then one result or
+    error, a cancelled one as soon as it stops), and the batch request itself last, with a summary.
+    """
+
+    id: str
+    jobs: tuple[BatchJob, ...]
+    type: Literal["generate_batch"] = "generate_batch"
+
+    def __post_init__(self) -> None:
+        if not self.jobs:
+            raise _bad("jobs", "must hold at least one job")
+        seen = {self.id}
+        for index, member in enumerate(self.jobs):
+            if member.id in seen:
+                name = f"jobs.{index}.id"
+                raise _bad(name, f"{member.id!r} is used twice: the batch and each of its jobs need distinct ids")
+            seen.add(member.id)
+        mismatch = batch_mismatch([member.job for member in self.jobs])
+        if mismatch is not None:
+            index, name = mismatch
+            first, other = getattr(self.jobs[0].job, name), getattr(self.jobs[index].job, name)
+            raise _bad(
+                f"jobs.{index}.job.{name}",
+                f"must equal jobs.0.job.{name} ({first!r}) for the jobs to share one denoising loop, got {other!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -378,7 +432,8 @@ class ProbeRequest:
 
 
 Request = Union[
-    HelloRequest, LoadRequest, GenerateRequest, CancelRequest, ClearCacheRequest, ShutdownRequest, ProbeRequest
+    HelloRequest, LoadRequest, GenerateRequest, GenerateBatchRequest, CancelRequest, ClearCacheRequest,
+    ShutdownRequest, ProbeRequest,
 ]
 
 
@@ -517,6 +572,19 @@ def parse_job_spec(value: Any, path: str = "job") -> JobSpec:
     return _build(path, JobSpec, output=output, vae_decode=vae_decode, cfg=cfg, **_fields(obj, path, names))
 
 
+def parse_batch_jobs(value: Any, path: str = "jobs") -> tuple[BatchJob, ...]:
+    if not isinstance(value, list):
+        raise _bad(path, f"expected an array of {{id, job}}, got {type(value).__name__}")
+    members = []
+    for index, item in enumerate(value):
+        item_path = f"{path}.{index}"
+        member = _object(item, item_path)
+        member_id = _get(member, "id", item_path)
+        _check_str(member_id, f"{item_path}.id", min_length=1, max_length=ID_MAX_LENGTH)
+        members.append(BatchJob(member_id, parse_job_spec(_get(member, "job", item_path), f"{item_path}.job")))
+    return tuple(members)
+
+
 def parse_request(obj: Any) -> Request:
     """A typed request from a decoded JSON object; raises EngineFailure(BAD_REQUEST) naming the field."""
     obj = _object(obj, "request")
@@ -532,6 +600,8 @@ def parse_request(obj: Any) -> Request:
         return LoadRequest(id=request_id, model=parse_model_spec(_get(obj, "model", "")))
     if kind == "generate":
         return GenerateRequest(id=request_id, job=parse_job_spec(_get(obj, "job", "")))
+    if kind == "generate_batch":
+        return GenerateBatchRequest(id=request_id, jobs=parse_batch_jobs(_get(obj, "jobs", "")))
     if kind == "cancel":
         target = _get(obj, "target", "")
         _check_str(target, "target", min_length=1, max_length=ID_MAX_LENGTH)
@@ -543,7 +613,9 @@ def parse_request(obj: Any) -> Request:
     if kind == "probe":
         return ProbeRequest(id=request_id, quick=_get(obj, "quick", ""))
     raise _bad(
-        "type", f"unknown request type {kind!r} (expected hello, load, generate, cancel, clear_cache, shutdown or probe)"
+        "type",
+        f"unknown request type {kind!r} "
+        "(expected hello, load, generate, generate_batch, cancel, clear_cache, shutdown or probe)",
     )
 
 

@@ -5,10 +5,12 @@ Contract:
 - The descriptor is `KINO_PROTOCOL_FD` (default 3): one bidirectional unix socket (Node's extra
   stdio 'pipe' is a socketpair). Newline-delimited JSON both ways; see protocol.py.
 - A reader thread reads requests. `cancel` is answered at once from that thread (`{cancelled}`:
-  True if the target generate, queued or running, will end with CANCELLED). `shutdown` cancels the
+  True if the target generate, or job of a generate_batch, queued or running, will end with
+  CANCELLED). `shutdown` cancels the
   running and queued jobs at once, then is answered, in order, after them; the process exits 0.
   Every other request runs in arrival order on the main thread and gets exactly one `result` or
-  `error`, after any number of `event`s with its id.
+  `error`, after any number of `event`s with its id. A `generate_batch` answers each of its jobs
+  under the job's own id the same way (as soon as that job ends), then itself.
 - A line that is not a valid request is answered with BAD_REQUEST (id "?" when it has no usable id)
   and the worker carries on.
 - End of stream on the descriptor: the running job is cancelled and the process exits 0.
@@ -28,7 +30,8 @@ import queue
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from functools import partial
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .cancel import CancelToken
@@ -38,6 +41,7 @@ from .protocol import (
     Channel,
     ClearCacheRequest,
     EngineFailure,
+    GenerateBatchRequest,
     GenerateRequest,
     HelloRequest,
     LoadRequest,
@@ -54,6 +58,7 @@ from .protocol import (
 from .runtime.memory import free_device_memory
 
 if TYPE_CHECKING:
+    from .batch import Answer
     from .engine import Engine
 
 log = logging.getLogger("kino_engine.worker")
@@ -65,6 +70,8 @@ _EOF = object()
 class _Queued:
     request: Request
     token: CancelToken
+    #: A generate_batch's: one token per job, in order.
+    job_tokens: list[CancelToken] = field(default_factory=list)
 
 
 class Worker:
@@ -75,7 +82,7 @@ class Worker:
         self.engine = engine
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
-        self._jobs: dict[str, CancelToken] = {}  # generate ids, queued or running
+        self._jobs: dict[str, CancelToken] = {}  # generate ids and batch job ids, queued or running
         self._stopping = False
 
     # ---- sending ----
@@ -133,13 +140,30 @@ class Worker:
             log.info("cancel %s: %s", request.target, "honoured" if cancelled else "nothing to cancel")
             self._send(result_message(request.id, {"cancelled": cancelled}))
             return
-        token = CancelToken()
+        item = _Queued(request, CancelToken())
         if isinstance(request, GenerateRequest):
             with self._lock:
-                self._jobs[request.id] = token
+                self._jobs[request.id] = item.token
+        if isinstance(request, GenerateBatchRequest) and not self._register_batch(request, item):
+            return
         if isinstance(request, ShutdownRequest):
             self._stop_everything()
-        self._queue.put(_Queued(request, token))
+        self._queue.put(item)
+
+    def _register_batch(self, request: GenerateBatchRequest, item: _Queued) -> bool:
+        """Gives each job of the batch a cancel token under its id; refuses ids already in flight."""
+        with self._lock:
+            clash = next((k for k, job in enumerate(request.jobs) if job.id in self._jobs), None)
+            if clash is None:
+                item.job_tokens = [CancelToken() for _ in request.jobs]
+                self._jobs.update({job.id: token for job, token in zip(request.jobs, item.job_tokens)})
+        if clash is not None:
+            name = f"jobs.{clash}.id"
+            failure = EngineFailure(
+                "BAD_REQUEST", f"{name}: {request.jobs[clash].id!r} is the id of a job in flight", field=name
+            )
+            self._send(error_message(request.id, failure))
+        return clash is None
 
     def _stop_everything(self) -> None:
         with self._lock:
@@ -163,17 +187,17 @@ class Worker:
                 self._send(result_message(request.id, {}))
                 log.info("shutdown")
                 return 0
-            self._execute(request, item.token)
+            self._execute(request, item)
 
-    def _execute(self, request: Request, token: CancelToken) -> None:
+    def _execute(self, request: Request, item: _Queued) -> None:
         log.info("%s %s", request.type, request.id)
         failed = False
         try:
             with self._lock:
                 stopping = self._stopping
-            if stopping and not isinstance(request, GenerateRequest):
+            if stopping and not isinstance(request, (GenerateRequest, GenerateBatchRequest)):
                 raise EngineFailure("CANCELLED", f"{request.type} skipped: the engine is shutting down")
-            result = self._dispatch(request, token)
+            result = self._dispatch(request, item)
         except EngineFailure as failure:
             failed = True
             self._forget(request.id)
@@ -185,8 +209,12 @@ class Worker:
         else:
             self._forget(request.id)
             self._send(result_message(request.id, result))
+            # A batch whose jobs did not all complete may have left memory behind (an OOM in a decode).
+            failed = any(job["status"] != "completed" for job in result.get("jobs", ()))
         finally:
             self._forget(request.id)
+            for job in request.jobs if isinstance(request, GenerateBatchRequest) else ():
+                self._forget(job.id)  # answered already (the engine settles each); never left to clash
         if failed:
             # Outside the except blocks: the failure's traceback (and the tensors its frames held)
             # is gone, so the memory can actually be returned.
@@ -196,6 +224,14 @@ class Worker:
         # Before the answer goes out: a cancel that arrives after it must find nothing to cancel.
         with self._lock:
             self._jobs.pop(request_id, None)
+
+    def _settle(self, request_id: str, answer: Answer) -> None:
+        """Answers one job of a batch, as `_execute` answers a request."""
+        self._forget(request_id)
+        if isinstance(answer, EngineFailure):
+            self._report(request_id, answer)
+        else:
+            self._send(result_message(request_id, answer))
 
     def _report(self, request_id: str, failure: EngineFailure, exc: BaseException | None = None) -> None:
         if failure.code == "CANCELLED":
@@ -207,14 +243,23 @@ class Worker:
             sys.stderr.flush()
         self._send(error_message(request_id, failure))
 
-    def _dispatch(self, request: Request, token: CancelToken) -> dict[str, Any]:
+    def _dispatch(self, request: Request, item: _Queued) -> dict[str, Any]:
+        from .batch import BatchMember
+
         emit = self._emitter(request.id)
+        token = item.token
         if isinstance(request, HelloRequest):
             return self.engine.hello(request)
         if isinstance(request, LoadRequest):
             return self.engine.load(request.model, emit)
         if isinstance(request, GenerateRequest):
             return self.engine.generate(request.job, emit, token)
+        if isinstance(request, GenerateBatchRequest):
+            members = [
+                BatchMember(job.id, job.job, self._emitter(job.id), job_token, partial(self._settle, job.id))
+                for job, job_token in zip(request.jobs, item.job_tokens)
+            ]
+            return self.engine.generate_batch(members)
         if isinstance(request, ClearCacheRequest):
             return self.engine.clear_cache()
         if isinstance(request, ProbeRequest):

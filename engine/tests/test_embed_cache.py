@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import kino_engine.engine as engine_module
+import kino_engine.job_run as job_run_module
 from kino_engine.engine import Engine
 from kino_engine.pipelines.wan import WanT2V
 from kino_engine.protocol import CheckpointSource, JobSpec, ModelSpec
@@ -77,7 +77,7 @@ class _Capture:
 
 def test_a_warm_request_skips_the_encoder_and_the_load(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     capture = _Capture()
-    monkeypatch.setattr(engine_module, "write_outputs", capture)
+    monkeypatch.setattr(job_run_module, "write_outputs", capture)
     loads: list[Any] = []
     real_load = WanT2V.load.__func__  # type: ignore[attr-defined]
 
@@ -117,7 +117,7 @@ def test_a_warm_request_skips_the_encoder_and_the_load(tiny_checkpoint: Path, mo
 
 
 def test_reloading_empties_the_cache(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine_module, "write_outputs", _Capture())
+    monkeypatch.setattr(job_run_module, "write_outputs", _Capture())
     engine = Engine()
     spec = ModelSpec("tiny", CheckpointSource(str(tiny_checkpoint)), device="cpu", dtype="float32")
     engine.load(spec, lambda e: None)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from jsonschema import Draft202012Validator
-from worker_client import generate_request, load_request
+from worker_client import generate_batch_request, generate_request, load_request
 
 from kino_engine.cancel import CancelToken
 from kino_engine.protocol import (
@@ -17,7 +17,9 @@ from kino_engine.protocol import (
     PHASES,
     PROTOCOL_VERSION,
     Channel,
+    BATCH_SHAPE_FIELDS,
     EngineFailure,
+    GenerateBatchRequest,
     GenerateRequest,
     JobSpec,
     LoadRequest,
@@ -133,6 +135,51 @@ def test_bad_load_fields_are_named(path: tuple[str, ...], value, field: str) -> 
         target = target[key]
     target[path[-1]] = value
     assert _bad(request).field == field
+
+
+def test_a_batch_parses_into_its_jobs(schema: dict) -> None:
+    tiled = {"mode": "tiled", "tile": 64}
+    jobs = [("j0", {"seed": 1, "prompt": "a"}), ("j1", {"seed": 2, "fps": 8, "vaeDecode": tiled})]
+    request = generate_batch_request("b", jobs)
+    Draft202012Validator(schema["request"]).validate(request)
+    batch = parse_request(request)
+    assert isinstance(batch, GenerateBatchRequest) and [j.id for j in batch.jobs] == ["j0", "j1"]
+    assert [j.job.seed for j in batch.jobs] == [1, 2] and batch.jobs[1].job.fps == 8.0, (
+        "seeds, prompts, fps and decode modes are each job's own"
+    )
+    batch_schema = next(s for s in schema["request"]["oneOf"] if s["properties"]["type"]["const"] == "generate_batch")
+    job_fields = batch_schema["properties"]["jobs"]["items"]["properties"]["job"]["properties"]
+    assert set(BATCH_SHAPE_FIELDS) <= set(job_fields), "a batch shape field is not a JobSpec field in engine.ts"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"width": 80}, "jobs.1.job.width"),
+        ({"height": 64}, "jobs.1.job.height"),
+        ({"frames": 9}, "jobs.1.job.frames"),
+        ({"steps": 4}, "jobs.1.job.steps"),
+        ({"guidance": 4.0}, "jobs.1.job.guidance"),
+        ({"shift": 3.0}, "jobs.1.job.shift"),
+        ({"cfg": "sequential"}, "jobs.1.job.cfg"),
+        ({"width": -5}, "jobs.1.job.width"),  # a job's own check comes first, named under its place
+    ],
+)
+def test_a_batch_of_mismatched_shapes_is_refused_naming_the_field(fields: dict, field: str) -> None:
+    failure = _bad(generate_batch_request("b", [("j0", {}), ("j1", fields)]))
+    assert failure.field == field, f"{fields} must be refused naming {field}, got {failure.field}: {failure.message}"
+    if fields.get("width") != -5:
+        assert "share one denoising loop" in failure.message, failure.message
+
+
+def test_malformed_batches_are_refused_naming_the_field() -> None:
+    assert _bad({"id": "b", "type": "generate_batch", "jobs": []}).field == "jobs"
+    assert _bad({"id": "b", "type": "generate_batch", "jobs": {"j": {}}}).field == "jobs"
+    assert _bad(generate_batch_request("b", [("j0", {}), ("j0", {})])).field == "jobs.1.id"
+    assert _bad(generate_batch_request("b", [("b", {})])).field == "jobs.0.id", "a job's id must differ from the batch's"
+    missing = generate_batch_request("b", [("j0", {})])
+    del missing["jobs"][0]["job"]
+    assert _bad(missing).field == "jobs.0.job"
 
 
 def test_other_malformed_requests() -> None:

@@ -147,3 +147,12 @@ def generate_request(request_id: str, **job: Any) -> dict:
     }
     spec.update(job)
     return {"type": "generate", "id": request_id, "job": spec}
+
+
+def generate_batch_request(request_id: str, jobs: list[tuple[str, dict[str, Any]]]) -> dict:
+    """A generate_batch of jobs (job id, JobSpec fields over generate_request's defaults)."""
+    return {
+        "type": "generate_batch",
+        "id": request_id,
+        "jobs": [{"id": job_id, "job": generate_request(job_id, **fields)["job"]} for job_id, fields in jobs],
+    }

@@ -97,8 +97,18 @@ export const PlacementSpec = z.discriminatedUnion("kind", [
   z.object({ kind: z.literal("resident") }),
   /** In pinned host memory; copied onto the device only while its phase runs. */
   z.object({ kind: z.literal("swapped") }),
-  /** Transformer only: its first `residentBlocks` blocks stay, the rest stream `prefetch` blocks ahead from pinned host memory. */
-  z.object({ kind: z.literal("streamed"), residentBlocks: z.number().int().nonnegative(), prefetch: z.number().int().positive() }),
+  /**
+   * Transformer only: its first `residentBlocks` blocks stay, the rest stream `prefetch` blocks ahead from pinned host
+   * memory ("ram"), or from safetensors files through a two-block pinned staging ring ("disk": the checkpoint's own
+   * files, a scratch file for a model only in memory), for hosts whose RAM cannot hold them.
+   */
+  z.object({
+    kind: z.literal("streamed"),
+    residentBlocks: z.number().int().nonnegative(),
+    prefetch: z.number().int().positive(),
+    /** Where the streamed blocks live off the device. @default "ram" */
+    source: z.enum(["ram", "disk"]).optional(),
+  }),
   /** Text encoder only: runs on the host CPU. */
   z.object({ kind: z.literal("cpu") }),
 ]);
@@ -164,6 +174,44 @@ export type JobSpec = z.infer<typeof JobSpec>;
 export const HelloRequest = z.object({ type: z.literal("hello"), id: Id, protocol: z.number().int() });
 export const LoadRequest = z.object({ type: z.literal("load"), id: Id, model: ModelSpec });
 export const GenerateRequest = z.object({ type: z.literal("generate"), id: Id, job: JobSpec });
+
+/** The JobSpec fields every job of a batch shares: one denoising loop runs them together. */
+export const BATCH_SHAPE_FIELDS = ["width", "height", "frames", "steps", "guidance", "shift", "cfg"] as const;
+
+/** One job of a batch: its own id (its events, its answer and a cancel's target) and its spec. */
+export const BatchJob = z.object({ id: Id, job: JobSpec });
+export type BatchJob = z.infer<typeof BatchJob>;
+
+/**
+ * Several jobs of one shape (BATCH_SHAPE_FIELDS) run as one denoising loop: each forward carries
+ * every job's rows (jobs × 2 with batched CFG). Prompts, seeds, outputs, fps and decode stay each
+ * job's. Each job is answered under its own id as a `generate` is (events, then its result or error;
+ * a cancelled one as soon as the engine stops it, while its rows may compute until the loop ends),
+ * then the batch itself with a GenerateBatchResult. Engines that predate it answer BAD_REQUEST on
+ * "type" (the client's ENGINE_TOO_OLD).
+ */
+export const GenerateBatchRequest = z
+  .object({ type: z.literal("generate_batch"), id: Id, jobs: z.array(BatchJob).min(1) })
+  .superRefine((request, ctx) => {
+    const ids = new Set([request.id]);
+    request.jobs.forEach((member, k) => {
+      if (ids.has(member.id)) {
+        ctx.addIssue({ code: "custom", path: ["jobs", k, "id"], message: `"${member.id}" is used twice: the batch and each of its jobs need distinct ids` });
+      }
+      ids.add(member.id);
+      const first = request.jobs[0]!.job;
+      const field = BATCH_SHAPE_FIELDS.find((f) => member.job[f] !== first[f]);
+      if (field !== undefined) {
+        ctx.addIssue({
+          code: "custom",
+          path: ["jobs", k, "job", field],
+          message: `must equal jobs.0.job.${field} (${String(first[field])}) for the jobs to share one denoising loop, got ${String(member.job[field])}`,
+        });
+      }
+    });
+  });
+export type GenerateBatchRequest = z.infer<typeof GenerateBatchRequest>;
+
 export const CancelRequest = z.object({ type: z.literal("cancel"), id: Id, target: Id });
 /** Drops the engine's cached prompt embeddings (e.g. to give their device memory back). */
 export const ClearCacheRequest = z.object({ type: z.literal("clear_cache"), id: Id });
@@ -183,6 +231,7 @@ export const EngineRequest = z.discriminatedUnion("type", [
   HelloRequest,
   LoadRequest,
   GenerateRequest,
+  GenerateBatchRequest,
   CancelRequest,
   ClearCacheRequest,
   ShutdownRequest,
@@ -278,8 +327,16 @@ export const GenerateResult = z.object({
   cache: z
     .object({ promptHits: z.number().int().nonnegative(), promptMisses: z.number().int().nonnegative() })
     .optional(),
+  /** The jobs that shared this job's denoising loop (1: it ran alone). Absent from engines that predate batches. */
+  batchSize: z.number().int().positive().optional(),
 });
 export type GenerateResult = z.infer<typeof GenerateResult>;
+
+/** How each job of a generate_batch ended (each was answered under its own id first). */
+export const GenerateBatchResult = z.object({
+  jobs: z.array(z.object({ id: Id, status: z.enum(["completed", "failed", "cancelled"]) })),
+});
+export type GenerateBatchResult = z.infer<typeof GenerateBatchResult>;
 
 export const CancelResult = z.object({ cancelled: z.boolean() });
 /** Bytes the dropped cache entries held (device memory where the model runs on a GPU). */
@@ -347,6 +404,12 @@ export const ProbeResult = z.object({
   h2dPageableBytesPerS: Rate.nullable(),
   /** Bytes of each timed copy. */
   transferBytes: Bytes.nullable(),
+  /**
+   * Sequential read rate, bytes/s, of a file written in the engine's temporary folder and dropped from the page cache
+   * (what the disk tier streams at); null where it could not be measured (a RAM-backed folder, no room), absent from
+   * engines and cached measurements that predate it.
+   */
+  diskReadBytesPerS: Rate.nullable().optional(),
   /** bf16 GEMMs at Wan shapes (tokens × width × width), smallest width first; empty without a GPU. */
   gemm: z.array(GemmMeasure),
   /** SDPA at Wan shapes (heads × tokens × 128), fewest heads first; empty without a GPU. */
@@ -365,6 +428,7 @@ export const ResultFor = {
   hello: HelloResult,
   load: LoadResult,
   generate: GenerateResult,
+  generate_batch: GenerateBatchResult,
   cancel: CancelResult,
   clear_cache: ClearCacheResult,
   shutdown: ShutdownResult,

@@ -7,15 +7,18 @@ prompt cleaning, T5 padding/trimming, CPU-seeded noise, scheduler, classifier-fr
 latent un-normalization and uint8 rounding), so for the same inputs the frames agree to within one
 uint8 level; the parity tests hold it to that.
 
-Shapes, with B=1 batch, C latent channels, F/H/W frames/height/width, L=512 text tokens, D text dim:
-  noise/latents (B, C, (F-1)//st + 1, H//ss, W//ss) float32;  embeddings (B, L, D);
-  decoded video (B, 3, F, H, W) in [-1, 1];  frames (F, H, W, 3) uint8.
+Shapes, with J jobs in one loop (1 alone, more in a batch), C latent channels, F/H/W
+frames/height/width, L=512 text tokens, D text dim:
+  noise/latents (J, C, (F-1)//st + 1, H//ss, W//ss) float32;  embeddings (1, L, D) per prompt;
+  decoded video (1, 3, F, H, W) in [-1, 1] per job;  frames (F, H, W, 3) uint8.
 
 The hot path (runtime/): `load(..., runtime=RuntimeOptions(...))` applies the exact optimizations
 from outside the model (attention backend -> regional compile); `denoise` runs without host syncs
 (CUDA events time the steps, the UniPC step is tabulated, guidance buffers are preallocated) and, by
-default, with cond and uncond as one batch-2 forward. `prewarm(job)` runs one forward at a job's shape
-so compile and the attention choice happen before the first request.
+default, with cond and uncond as one batch-2 forward. `denoise_batch` runs several jobs of one shape
+(a batch) as one loop, each with its own embeddings and seeded noise; `encode_job`, `denoise_batch`
+and `decode_video` are `generate`'s stages, for a caller that runs a batch. `prewarm(job)` runs one
+forward at a job's shape so compile and the attention choice happen before the first request.
 
 It knows nothing about the protocol's transport, output files or memory reporting: progress goes to
 callbacks, cancellation comes from `is_cancelled()`, checked between steps.
@@ -27,7 +30,7 @@ import contextlib
 import html
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import ftfy
 import numpy as np
@@ -36,7 +39,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..checkpoint import inspect_checkpoint
-from ..protocol import CheckpointSource, EngineFailure, JobSpec, ModelSpec, Phase
+from ..protocol import CheckpointSource, EngineFailure, JobSpec, ModelSpec, Phase, batch_mismatch
 from ..runtime.attention import AttentionShape
 from ..runtime.hotloop import GuidanceBuffers, StepTimer, make_stepper
 from ..runtime.optimize import Runtime, optimize
@@ -196,13 +199,15 @@ class WanT2V:
         batched = self.runtime.options.batched_cfg if job.cfg is None else job.cfg == "batched"
         return 2 if job.guidance > 1.0 and batched else 1
 
-    def attention_shape(self, job: JobSpec) -> AttentionShape:
-        """Self-attention's (B, heads, N tokens, head dim) for the job: N = F'/pt * H'/ph * W'/pw."""
+    def attention_shape(self, job: JobSpec, jobs: int = 1) -> AttentionShape:
+        """Self-attention's (B, heads, N tokens, head dim) for `jobs` jobs of this shape in one forward:
+        B = jobs * forward_batch, N = F'/pt * H'/ph * W'/pw."""
         _, _, frames, height, width = self.latent_shape(job)
         patch_t, patch_h, patch_w = self.transformer.config.patch_size
         tokens = (frames // patch_t) * (height // patch_h) * (width // patch_w)
         config = self.transformer.config
-        return (self.forward_batch(job), int(config.num_attention_heads), tokens, int(config.attention_head_dim))
+        batch = jobs * self.forward_batch(job)
+        return (batch, int(config.num_attention_heads), tokens, int(config.attention_head_dim))
 
     def check_job(self, job: JobSpec) -> None:
         """Refuse sizes this model cannot produce exactly (never round them silently)."""
@@ -260,13 +265,17 @@ class WanT2V:
         hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
         return hidden.to(self.device, self.dtype)
 
+    def encode_job(self, job: JobSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The job's prompt embeddings (1, L, D), and its negative prompt's when guidance runs, else None."""
+        cond = self.encode_prompt(job.prompt)
+        return cond, self.encode_prompt(job.negative_prompt) if job.guidance > 1.0 else None
+
     def initial_latents(self, job: JobSpec) -> torch.Tensor:
         """Seeded noise (1, C, F', H', W') drawn on the CPU in float32, so a seed means one video everywhere."""
         shape = self.latent_shape(job)
         generator = torch.Generator("cpu").manual_seed(job.seed)
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
-    @torch.inference_mode()
     def denoise(
         self,
         prompt_embeds: torch.Tensor,
@@ -282,19 +291,52 @@ class WanT2V:
         loop reads a device value on the host; `on_step` gets each step's device time (ms) once the GPU
         has finished it. Raises EngineFailure(CANCELLED) between steps once is_cancelled().
         """
+        negatives = None if negative_embeds is None else [negative_embeds]
+        return self.denoise_batch([prompt_embeds], negatives, [job], on_step, is_cancelled)
+
+    @torch.inference_mode()
+    def denoise_batch(
+        self,
+        prompt_embeds: Sequence[torch.Tensor],
+        negative_embeds: Sequence[torch.Tensor] | None,
+        jobs: Sequence[JobSpec],
+        on_step: OnStep | None = None,
+        is_cancelled: IsCancelled | None = None,
+    ) -> torch.Tensor:
+        """`denoise` for J jobs of one shape (protocol.batch_mismatch finds nothing) as one loop:
+        latents (J, C, F', H', W') float32, row k being job k's. Embeddings are (1, L, D) per job.
+
+        Each job keeps its own seeded noise and embeddings; each forward carries J * forward_batch rows
+        (every job's cond rows, then their uncond rows). One stepper steps the stacked latents: the
+        scheduler's update is elementwise, with coefficients that depend only on the steps and the
+        shift, which the jobs share, so row k follows the path job k takes alone, up to the float
+        rounding of GEMMs at another batch size. `is_cancelled()` stops the whole loop; a caller that
+        drops single jobs of a batch lets their rows run on.
+        """
+        if not jobs or len(prompt_embeds) != len(jobs):
+            raise ValueError(f"{len(jobs)} jobs need as many prompt embeddings, got {len(prompt_embeds)}")
+        mismatch = batch_mismatch(jobs)
+        if mismatch is not None:
+            index, name = mismatch
+            raise ValueError(f"job {index} of the batch differs from job 0 in {name}: one loop cannot run them")
+        job = jobs[0]
         guided = job.guidance > 1.0
-        if guided and negative_embeds is None:
-            raise ValueError("guidance > 1 needs negative_embeds")
+        if guided and (negative_embeds is None or len(negative_embeds) != len(jobs)):
+            raise ValueError("guidance > 1 needs negative_embeds, one per job")
         scheduler = self.make_scheduler(job.shift)
         scheduler.set_timesteps(job.steps, device=self.device)
         # Starting at index 0 explicitly spares the scheduler a device->host lookup of t at step 1.
         scheduler.set_begin_index(0)
         timesteps = scheduler.timesteps  # (n,) on the device; timesteps[i] is a view, not a host read
         n = len(timesteps)
-        latents = self.initial_latents(job)  # (1, C, F', H', W') float32
-        self.runtime.prepare(self.attention_shape(job))
+        latents = _rows([self.initial_latents(j) for j in jobs])  # (J, C, F', H', W') float32
+        self.runtime.prepare(self.attention_shape(job, len(jobs)))
         buffers = GuidanceBuffers(
-            latents, prompt_embeds, negative_embeds if guided else None, self.forward_batch(job), self.transformer.dtype
+            latents,
+            _rows(prompt_embeds),  # (J, L, D)
+            _rows(negative_embeds) if guided and negative_embeds is not None else None,
+            self.forward_batch(job),
+            self.transformer.dtype,
         )
         step, _ = make_stepper(scheduler, n)
         timer = StepTimer(self.device, n, on_step, self.runtime.options.max_steps_ahead)
@@ -314,7 +356,7 @@ class WanT2V:
     def _velocity(
         self, buffers: GuidanceBuffers, latents: torch.Tensor, t: torch.Tensor, guidance: float | None
     ) -> torch.Tensor:
-        """The (guided) model output (1, C, F', H', W') in the model dtype for latents at timestep t."""
+        """The (guided) model output (J, C, F', H', W') in the model dtype for latents at timestep t."""
         x = buffers.load(latents)  # (B, C, F', H', W')
         timestep = t.expand(buffers.batch)  # (B,)
         out = self.transformer(
@@ -322,8 +364,8 @@ class WanT2V:
         )[0]
         if guidance is None:
             return out
-        if buffers.batch == 2:
-            return buffers.guide(out[0:1], out[1:2], guidance)
+        if buffers.stacked:
+            return buffers.guide(*buffers.halves(out), guidance)
         uncond = self.transformer(
             hidden_states=x, timestep=timestep, encoder_hidden_states=buffers.uncond, return_dict=False
         )[0]
@@ -458,13 +500,19 @@ class WanT2V:
         and the returned video has `frames=None`. The decode phase then ends when the last chunk has
         been handed over, so it includes any time `on_frames` blocks (a full encoder queue)."""
         self.check_job(job)
-        phases = _PhaseClock(self.device, on_phase)
+        phases = PhaseClock(self.device, on_phase)
         with phases.run("text_encode"):
-            prompt_embeds = self.encode_prompt(job.prompt)
-            negative_embeds = self.encode_prompt(job.negative_prompt) if job.guidance > 1.0 else None
+            prompt_embeds, negative_embeds = self.encode_job(job)
         with phases.run("denoise"):
             latents = self.denoise(prompt_embeds, negative_embeds, job, on_step, is_cancelled)
         del prompt_embeds, negative_embeds
+        return self.decode_video(latents, job, phases, on_frames)
+
+    def decode_video(
+        self, latents: torch.Tensor, job: JobSpec, phases: PhaseClock, on_frames: OnFrames | None = None
+    ) -> WanVideo:
+        """`generate`'s decode phase for one job's latents (1, C, F', H', W'), timed by `phases`
+        (which holds the phases before it): the frames, or, with `on_frames`, streamed chunk by chunk."""
         shape = (job.frames, job.height, job.width)
         with phases.run("decode"), self.vae_decode_mode(job):
             if on_frames is None:
@@ -475,7 +523,10 @@ class WanT2V:
                 for chunk in self.decode_stream(latents):
                     on_frames(chunk)
         return WanVideo(
-            frames=frames, phase_ms=phases.ms, shape=tuple(int(n) for n in shape), phase_peak_vram=phases.peak_vram
+            frames=frames,
+            phase_ms=dict(phases.ms),
+            shape=tuple(int(n) for n in shape),
+            phase_peak_vram=dict(phases.peak_vram),
         )
 
     @contextlib.contextmanager
@@ -498,7 +549,7 @@ class WanT2V:
              vae.tile_sample_stride_height, vae.tile_sample_stride_width) = saved
 
 
-class _PhaseClock:
+class PhaseClock:
     """Times phases (synchronizing the device at each end) and reports their start and end."""
 
     def __init__(self, device: torch.device, on_phase: OnPhase | None):
@@ -506,6 +557,13 @@ class _PhaseClock:
         self.on_phase = on_phase
         self.ms: dict[str, float] = {}
         self.peak_vram: dict[str, int] = {}
+
+    def fork(self, on_phase: OnPhase | None) -> PhaseClock:
+        """A clock that holds this one's phases so far and reports the next ones to `on_phase`
+        (a batch's shared phases, then one job's own decode)."""
+        clock = PhaseClock(self.device, on_phase)
+        clock.ms, clock.peak_vram = dict(self.ms), dict(self.peak_vram)
+        return clock
 
     @contextlib.contextmanager
     def run(self, phase: Phase) -> Iterator[None]:
@@ -523,3 +581,8 @@ class _PhaseClock:
             self.peak_vram[phase] = int(torch.cuda.max_memory_allocated(self.device))
         if self.on_phase is not None:
             self.on_phase(phase, "end", self.ms[phase])
+
+
+def _rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-job tensors (1, ...) as one (J, ...) tensor; a single job's as it is (no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))

@@ -1,7 +1,7 @@
 """The denoising loop's hot-path parts: per-step timing without syncs, a sync-free scheduler step,
 and the preallocated guidance buffers.
 
-Contract (for one job; nothing here outlives it):
+Contract (for one loop; nothing here outlives it):
 - `StepTimer` times each step with CUDA events and reports it once its end event has completed
   (`event.query()`), so the host never waits for the GPU to report progress. It lets the host run at
   most `max_ahead` steps ahead of the GPU (then it polls the oldest step's end event, sleeping
@@ -16,11 +16,14 @@ Contract (for one job; nothing here outlives it):
   per job on a CPU twin with unit vectors as inputs, which yields each step's coefficients (float64);
   the device then applies them with a few multiply-adds into reused buffers. Other schedulers
   (FlowMatchEulerDiscrete keeps its sigmas on the device and is sync-free) run through `step`.
-- `GuidanceBuffers` holds the batch-2 model input, the stacked (cond, uncond) embeddings and the
-  guided velocity, allocated once per job and refilled with `copy_`.
+- `GuidanceBuffers` holds the model input, the stacked (cond, uncond) embeddings and the guided
+  velocity, allocated once per loop and refilled with `copy_`; one loop may run several jobs of one
+  shape (a batch), each with its own latents and embeddings.
 
-Shapes: latents x (1, C, F', H', W') float32; model input (B, C, F', H', W') in the model dtype, B = 2
-for batched guidance; embeddings (B, L, D). This module knows nothing about models or the protocol.
+Shapes: latents x (J, C, F', H', W') float32, J jobs (1 alone); model input (B, C, F', H', W') in
+the model dtype, B = 2J for batched guidance, else J; embeddings (B, L, D). The steppers are
+elementwise with per-step scalar coefficients, so they step J stacked latents as J separate ones.
+This module knows nothing about models or the protocol.
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ class TabulatedUniPC:
         self.pool: list[torch.Tensor] = []  # float32 latent-shaped buffers this stepper owns
 
     def __call__(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """One step: model output v (1, C, F', H', W') any float dtype, sample x float32 -> the next sample."""
+        """One step: model output v (J, C, F', H', W') any float dtype, sample x float32 -> the next sample."""
         row = self.rows[self.index]
         slots = [x, v, *self.hist, self.last]
         state = [x, *self.hist, self.last]  # what the buffers hold now; v never becomes state by alias
@@ -238,29 +241,39 @@ def make_stepper(scheduler: SchedulerMixin, steps: int, tabulate: bool = True) -
 
 
 class GuidanceBuffers:
-    """Model input, embeddings and guided velocity for one job, allocated once and refilled in place.
+    """Model input, embeddings and guided velocity for the J jobs of one loop (a batch; J = 1 alone),
+    allocated once and refilled in place.
 
-    batch = 2 stacks (cond, uncond) for one forward; batch = 1 serves unguided and sequential jobs.
+    `batch` rows per job: 2 stacks (cond, uncond) for one forward, 1 serves unguided and sequential
+    jobs. The rows run half by half, [cond_0 .. cond_{J-1}, uncond_0 .. uncond_{J-1}], so a forward's
+    output splits into its cond and uncond halves by slicing (no gather) and each half lines up with
+    the latents' rows.
     """
 
     def __init__(
         self, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, batch: int, dtype: torch.dtype
     ):
-        self.batch = batch
-        shape = (batch, *latents.shape[1:])
+        self.jobs = latents.shape[0]  # J
+        self.stacked = batch == 2
+        self.batch = batch * self.jobs  # rows per forward, B = J * batch
+        shape = (self.batch, *latents.shape[1:])
         self.x = torch.empty(shape, dtype=dtype, device=latents.device)  # (B, C, F', H', W')
-        pair = [cond] if batch == 1 else [cond, uncond]
-        self.embeds = torch.empty((batch, *cond.shape[1:]), dtype=dtype, device=cond.device)  # (B, L, D)
-        for k, embeds in enumerate(pair):
-            assert embeds is not None
-            self.embeds[k : k + 1].copy_(embeds)
-        self.uncond = uncond.to(dtype) if uncond is not None and batch == 1 else None
-        self.guided = torch.empty(latents.shape, dtype=dtype, device=latents.device)  # (1, C, F', H', W')
+        halves = [cond] if batch == 1 else [cond, uncond]
+        self.embeds = torch.empty((self.batch, *cond.shape[1:]), dtype=dtype, device=cond.device)  # (B, L, D)
+        for k, embeds in enumerate(halves):
+            assert embeds is not None and embeds.shape[0] == self.jobs
+            self.embeds[k * self.jobs : (k + 1) * self.jobs].copy_(embeds)
+        self.uncond = uncond.to(dtype) if uncond is not None and batch == 1 else None  # (J, L, D)
+        self.guided = torch.empty(latents.shape, dtype=dtype, device=latents.device)  # (J, C, F', H', W')
 
     def load(self, latents: torch.Tensor) -> torch.Tensor:
-        """Copy the float32 latents (1, ...) into the model-dtype input (B, ...), broadcasting over B."""
-        self.x.copy_(latents)
+        """Copy the float32 latents (J, ...) into the model-dtype input (B, ...), once per half."""
+        self.x.view(self.batch // self.jobs, *latents.shape).copy_(latents)
         return self.x
+
+    def halves(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stacked forward's output (B, ...) as its (cond, uncond) halves, (J, ...) each."""
+        return out[: self.jobs], out[self.jobs :]
 
     def guide(self, cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
         """uncond + scale * (cond - uncond) into a reused buffer, with diffusers' dtype and rounding."""
