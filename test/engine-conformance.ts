@@ -231,6 +231,65 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
       assert.equal((await probeVideo(again)).frames, result.frames);
     });
 
+    test("generateBatch: jobs of one shape, each with its own events, result and video", async () => {
+      const outs = [join(scratch, "batch-0.mp4"), join(scratch, "batch-1.mp4")];
+      const events: EngineEvent[][] = outs.map(() => []);
+      const answers = engine.generateBatch(
+        outs.map((out, k) => ({ job: job(out, { seed: 20 + k, prompt: `batch job ${k}` }), onEvent: (e: EngineEvent) => events[k]!.push(e) })),
+      );
+      assert.equal(answers.length, 2, "one answer per job");
+      const results = await Promise.all(answers);
+      for (const [k, result] of results.entries()) {
+        GenerateResult.parse(result);
+        assertGenerateEvents(events[k]!, target.job.steps);
+        assert.equal(result.output.video, outs[k], `job ${k} answers with its own output`);
+        assert.equal(result.batchSize, 2, "each job says it shared its loop with the other");
+        assert.deepEqual(result.cache, { promptHits: 1, promptMisses: 1 }, `job ${k}'s own prompt is new; the negative one, the earlier tests', is served`);
+        assert.equal((await probeVideo(outs[k]!)).frames, target.job.frames);
+      }
+    });
+
+    test("generateBatch: a job cancelled mid-batch is answered at once while the other runs on; both stop when both are cancelled", async () => {
+      const outs = [join(scratch, "batch-cancel-0.mp4"), join(scratch, "batch-cancel-1.mp4")];
+      const controllers = outs.map(() => new AbortController());
+      const steps = [0, 0];
+      let stepsOfZeroWhenOneEnded: number | null = null;
+      const answers = engine.generateBatch(
+        outs.map((out, k) => ({
+          job: job(out, { steps: target.cancelSteps, seed: 30 + k }),
+          signal: controllers[k]!.signal,
+          onEvent: (e: EngineEvent) => {
+            if (e.kind !== "step") return;
+            steps[k]!++;
+            if (k === 1 && e.i === 1) controllers[1]!.abort();
+            // Job 0 runs on after job 1 was answered; then it is cancelled too, to end the test.
+            if (k === 0 && stepsOfZeroWhenOneEnded !== null && steps[0]! >= stepsOfZeroWhenOneEnded + 3) controllers[0]!.abort();
+          },
+        })),
+      );
+      const one = await rejectsWith(answers[1]!, "CANCELLED");
+      stepsOfZeroWhenOneEnded = steps[0]!;
+      assert.equal(one.phase, "denoise");
+      assert.ok(stepsOfZeroWhenOneEnded < target.cancelSteps, "job 1 is answered during the loop, not at its end");
+      const zero = await rejectsWith(answers[0]!, "CANCELLED");
+      assert.equal(zero.phase, "denoise");
+      assert.ok(steps[0]! >= stepsOfZeroWhenOneEnded + 3, `job 0 ran on after job 1 ended (${stepsOfZeroWhenOneEnded} → ${steps[0]} steps)`);
+      assert.ok(steps[1]! < target.cancelSteps && steps[0]! < target.cancelSteps);
+      for (const out of outs) assert.equal(existsSync(out), false, "a cancelled job writes no video");
+      const again = join(scratch, "after-batch-cancel.mp4");
+      assert.equal((await probeVideo((await engine.generate(job(again))).output.video!)).frames, target.job.frames);
+    });
+
+    test("generateBatch: jobs of different shapes are refused before reaching the engine, naming the field", async () => {
+      const out = (k: number) => join(scratch, `mismatch-${k}.mp4`);
+      const answers = engine.generateBatch([{ job: job(out(0)) }, { job: job(out(1), { width: target.job.width + 16 }) }]);
+      for (const answer of answers) {
+        const err = await rejectsWith(answer, "INTERNAL");
+        assert.equal(err.field, "jobs.1.job.width");
+      }
+      assert.equal(existsSync(out(0)), false);
+    });
+
     test("an already aborted signal rejects with CANCELLED without running", async () => {
       const out = join(scratch, "never.mp4");
       await rejectsWith(engine.generate(job(out), { signal: AbortSignal.abort() }), "CANCELLED");

@@ -48,6 +48,33 @@ test("a worker that dies mid-request fails it with ENGINE_CRASHED, its exit code
   }
 });
 
+test("a worker that dies mid-batch fails every job of the batch with ENGINE_CRASHED", async () => {
+  const engine = standIn("crash-on-generate");
+  try {
+    const steps: number[] = [];
+    const answers = engine.generateBatch([{ job: JOB, onEvent: (e) => e.kind === "step" && steps.push(e.i) }, { job: { ...JOB, seed: 1 } }]);
+    for (const answer of answers) {
+      const err = await rejectsWith(answer, "ENGINE_CRASHED");
+      assert.match(err.message, /exited with code 3 during generate_batch, generate/);
+      assert.match(err.stderrTail ?? "", /boom in the batched denoiser/);
+    }
+    assert.deepEqual(steps, [1], "the first job's events reached it before the crash");
+  } finally {
+    await engine.close();
+  }
+});
+
+test("an engine that predates generate_batch fails each job with ENGINE_TOO_OLD and keeps serving", async () => {
+  const engine = standIn("ok");
+  try {
+    const answers = engine.generateBatch([{ job: JOB }, { job: { ...JOB, seed: 1 } }]);
+    for (const answer of answers) assert.match((await rejectsWith(answer, "ENGINE_TOO_OLD")).message, /generate_batch/);
+    assert.equal((await engine.generate(JOB)).frames, 5, "a single generate still works");
+  } finally {
+    await engine.close();
+  }
+});
+
 test("an engine error keeps its code and phase and carries the stderr tail", async () => {
   const engine = standIn("engine-error");
   try {

@@ -24,6 +24,11 @@ export interface RequestOptions {
   signal?: AbortSignal;
 }
 
+/** One job of a batch, with its own events and cancellation. */
+export interface BatchJobOptions extends RequestOptions {
+  readonly job: JobSpec;
+}
+
 export interface ProbeOptions {
   /** Fewer repeats and smaller copies (about 2 s) instead of the full measurement (about 10 s). @default false */
   quick?: boolean;
@@ -36,6 +41,15 @@ export interface EngineClient {
   load(model: ModelSpec, options?: Omit<RequestOptions, "signal">): Promise<LoadResult>;
   /** Runs one job on the loaded model; streams phase and step events. */
   generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult>;
+  /**
+   * Runs jobs of one shape (protocol BATCH_SHAPE_FIELDS) as one denoising loop, each with its own
+   * prompts, seed, outputs, events and cancellation. One promise per job, in order, each settling as
+   * soon as the engine answers that job: its result, or its error (CANCELLED once its signal's cancel
+   * is honoured, while the others go on). A failure of the batch as a whole (an OOM in the loop, a
+   * crash) rejects every job not yet answered with it; so does an engine that predates batches
+   * (ENGINE_TOO_OLD) and jobs of different shapes (INTERNAL naming the field: the caller's bug).
+   */
+  generateBatch(jobs: readonly BatchJobOptions[]): Promise<GenerateResult>[];
   /** Drops the engine's cached prompt embeddings (after the jobs before it); says how many bytes they held. */
   clearCache(): Promise<ClearCacheResult>;
   /**

@@ -3,7 +3,9 @@
  * the real one where callers can tell: the same events in the same order (phases start/end, steps
  * 1..n), cancellation honoured between steps, the same error codes for the same situations (not
  * loaded, bad checkpoint, unwritable output, no GPU), and real outputs: ffmpeg's test pattern as an
- * H.264 MP4 and PNG frames of the job's size, length and rate. It knows nothing of tensors.
+ * H.264 MP4 and PNG frames of the job's size, length and rate. A batch runs as the engine runs it:
+ * shared text encode and denoise phases, a cancelled job answered between steps while the others go
+ * on, then each job decoded and written in turn. It knows nothing of tensors.
  */
 import { constants } from "node:fs";
 import { access, readdir, stat } from "node:fs/promises";
@@ -15,6 +17,7 @@ import { KinoError } from "../errors.ts";
 import { renderPatternFrames, renderPatternVideo } from "../media/test-pattern.ts";
 import { toolVersion } from "../media/exec.ts";
 import {
+  GenerateBatchRequest,
   JobSpec,
   ModelSpec,
   PROTOCOL_VERSION,
@@ -27,7 +30,7 @@ import {
   type Phase,
   type ProbeResult,
 } from "../protocol/engine.ts";
-import type { EngineClient, ProbeOptions, RequestOptions } from "./client.ts";
+import type { BatchJobOptions, EngineClient, ProbeOptions, RequestOptions } from "./client.ts";
 
 export interface FakeEngineOptions {
   /** GPUs the fake reports; with none, `cuda` is unavailable. @default [] */
@@ -38,6 +41,13 @@ export interface FakeEngineOptions {
   ffmpeg?: string;
   /** What probe answers (its `quick` is the request's); @default made-up rates for the first device, or the host alone */
   probe?: ProbeResult;
+}
+
+/** A job the fake runs (alone, or one of a batch) and where its answer goes. */
+interface FakeJob {
+  readonly options: RequestOptions;
+  readonly resolve: (result: GenerateResult) => void;
+  readonly reject: (error: unknown) => void;
 }
 
 /** The model's native frame rate the fake reports (Wan's). */
@@ -87,7 +97,21 @@ export class FakeEngine implements EngineClient {
 
   generate(job: JobSpec, options: RequestOptions = {}): Promise<GenerateResult> {
     if (options.signal?.aborted) return Promise.reject(new KinoError("CANCELLED", "the job was cancelled before it started"));
-    return this.#serial(() => this.#generate(job, options));
+    const [answer] = this.#queueJobs([options], () => [parseRequest(JobSpec, job, "job")]);
+    return answer!;
+  }
+
+  generateBatch(jobs: readonly BatchJobOptions[]): Promise<GenerateResult>[] {
+    // Checked as SubprocessEngine checks the request before sending it: jobs of different shapes are
+    // the caller's bug (INTERNAL), named by the field that differs.
+    const request = { type: "generate_batch", id: "fake-batch", jobs: jobs.map((o, k) => ({ id: `fake-job-${k}`, job: o.job })) };
+    const checked = GenerateBatchRequest.safeParse(request);
+    if (!checked.success) {
+      const field = checked.error.issues[0]?.path.map(String).join(".");
+      const error = new KinoError("INTERNAL", `the control plane built an invalid generate_batch request: ${checked.error.message}`, { field });
+      return jobs.map(() => Promise.reject(error));
+    }
+    return this.#queueJobs(jobs, () => checked.data.jobs.map((j) => j.job));
   }
 
   clearCache(): Promise<ClearCacheResult> {
@@ -169,55 +193,101 @@ export class FakeEngine implements EngineClient {
     };
   }
 
-  async #generate(spec: JobSpec, options: RequestOptions): Promise<GenerateResult> {
-    this.#checkOpen();
-    const job = parseRequest(JobSpec, spec, "job");
-    const model = this.#loaded;
-    if (model === null) throw new KinoError("MODEL_NOT_LOADED", "generate was asked before a model was loaded; send load first");
-    await checkOutputs(job);
-    const emit = (event: EngineEvent) => options.onEvent?.(event);
+  /** Queues jobs to run as one batch (one alone); one promise per job, settled when it ends. */
+  #queueJobs(options: readonly RequestOptions[], parse: () => JobSpec[]): Promise<GenerateResult>[] {
+    const jobs: FakeJob[] = [];
+    const answers = options.map((o) => new Promise<GenerateResult>((resolve, reject) => jobs.push({ options: o, resolve, reject })));
+    void this.#serial(() => this.#run(jobs, parse));
+    return answers;
+  }
+
+  /** The jobs as the engine runs a batch (see the class comment); settles each; never rejects. */
+  async #run(all: readonly FakeJob[], parse: () => JobSpec[]): Promise<void> {
+    let specs: JobSpec[];
+    try {
+      this.#checkOpen();
+      specs = parse();
+      if (this.#loaded === null) throw new KinoError("MODEL_NOT_LOADED", "generate was asked before a model was loaded; send load first");
+    } catch (err) {
+      for (const j of all) j.reject(err);
+      return;
+    }
+    const device = this.#loaded.device;
     const started = performance.now();
+    const live: Array<FakeJob & { readonly job: JobSpec; readonly cache: { promptHits: number; promptMisses: number } }> = [];
+    for (const [k, j] of all.entries()) {
+      const job = specs[k]!;
+      if (j.options.signal?.aborted) j.reject(new KinoError("CANCELLED", "the job was cancelled before it started"));
+      else await checkOutputs(job).then(() => live.push({ ...j, job, cache: { promptHits: 0, promptMisses: 0 } }), j.reject);
+    }
     const ms: Record<Phase, number> = { load: 0, text_encode: 0, denoise: 0, decode: 0, encode: 0 };
-    const phase = async (name: Phase, body: () => Promise<void>) => {
-      emit({ kind: "phase", phase: name, state: "start", ms: null });
-      const t0 = performance.now();
-      await body();
-      ms[name] = performance.now() - t0;
-      emit({ kind: "phase", phase: name, state: "end", ms: ms[name] });
+    const phase = (name: Phase, to: readonly FakeJob[], body: () => Promise<void>) => runPhase(name, to, ms, body);
+    // Cancellation between steps and before each decode: that job is answered at once, the others go on.
+    const dropCancelled = (at: Phase) => {
+      for (const j of [...live]) {
+        const why = this.#closed ? "the job was cancelled: the engine is shutting down" : j.options.signal?.aborted ? "the job was cancelled" : null;
+        if (why === null) continue;
+        live.splice(live.indexOf(j), 1);
+        j.reject(new KinoError("CANCELLED", why, { phase: at }));
+      }
     };
-    const checkCancel = (at: Phase) => {
-      if (options.signal?.aborted) throw new KinoError("CANCELLED", "the job was cancelled", { phase: at });
-      if (this.#closed) throw new KinoError("CANCELLED", "the job was cancelled: the engine is shutting down", { phase: at });
-    };
-    const fps = job.fps ?? FAKE_FPS;
-    const pattern = { width: job.width, height: job.height, frames: job.frames, fps };
-    const cache = { promptHits: 0, promptMisses: 0 };
-    await phase("text_encode", async () => {
-      for (const text of job.guidance > 1 ? [job.prompt, job.negativePrompt] : [job.prompt]) {
-        if (this.#cachedPrompts.has(text)) cache.promptHits++;
-        else {
-          cache.promptMisses++;
-          this.#cachedPrompts.add(text);
-          await sleep(1);
+    if (live.length === 0) return;
+    await phase("text_encode", live, async () => {
+      for (const j of live) {
+        for (const text of j.job.guidance > 1 ? [j.job.prompt, j.job.negativePrompt] : [j.job.prompt]) {
+          if (this.#cachedPrompts.has(text)) j.cache.promptHits++;
+          else {
+            j.cache.promptMisses++;
+            this.#cachedPrompts.add(text);
+            await sleep(1);
+          }
         }
       }
     });
-    await phase("denoise", async () => {
-      for (let i = 1; i <= job.steps; i++) {
-        checkCancel("denoise");
+    const size = live.length;
+    const steps = live[0]!.job.steps;
+    // `live` loses cancelled jobs in place, so the phase's end goes to those still in it.
+    await phase("denoise", live, async () => {
+      for (let i = 1; i <= steps; i++) {
+        dropCancelled("denoise");
+        if (live.length === 0) return;
         const t0 = performance.now();
         await sleep(this.#stepMs);
-        emit({ kind: "step", i, n: job.steps, ms: performance.now() - t0, vramBytes: null, ramBytes: process.memoryUsage().rss });
+        const step: EngineEvent = { kind: "step", i, n: steps, ms: performance.now() - t0, vramBytes: null, ramBytes: process.memoryUsage().rss };
+        for (const j of live) j.options.onEvent?.(step);
       }
     });
-    checkCancel("decode");
+    for (const j of [...live]) {
+      dropCancelled("decode");
+      if (!live.includes(j)) continue;
+      try {
+        j.resolve(await this.#finish(j.job, j, ms, started, size, j.cache, device));
+      } catch (err) {
+        j.reject(err);
+      }
+    }
+  }
+
+  /** One job's decode and encode phases, its outputs and its result. */
+  async #finish(
+    job: JobSpec,
+    to: FakeJob,
+    shared: Readonly<Record<Phase, number>>,
+    started: number,
+    batchSize: number,
+    cache: { promptHits: number; promptMisses: number },
+    device: ModelSpec["device"],
+  ): Promise<GenerateResult> {
+    const ms = { ...shared };
+    const phase = (name: Phase, body: () => Promise<void>) => runPhase(name, [to], ms, body);
+    const fps = job.fps ?? FAKE_FPS;
+    const pattern = { width: job.width, height: job.height, frames: job.frames, fps };
     await phase("decode", async () => {
       if (job.output.framesDir !== null) await renderPatternFrames(pattern, job.output.framesDir, this.#ffmpeg);
     });
     await phase("encode", async () => {
       if (job.output.video !== null) await renderPatternVideo(pattern, job.output.video, this.#ffmpeg);
     });
-    const totalMs = performance.now() - started;
     return {
       frames: job.frames,
       width: job.width,
@@ -229,14 +299,25 @@ export class FakeEngine implements EngineClient {
         denoiseMs: ms.denoise,
         decodeMs: ms.decode,
         encodeMs: ms.encode,
-        totalMs,
+        totalMs: performance.now() - started,
       },
       secondsPerStep: ms.denoise / job.steps / 1000,
-      peakVramBytes: model.device === "cuda" ? 0 : null,
+      peakVramBytes: device === "cuda" ? 0 : null,
       peakRamBytes: process.memoryUsage().rss,
       cache,
+      batchSize,
     };
   }
+}
+
+/** Runs a phase's body between its start and end events (to each of `to`), timing it into `ms`. */
+async function runPhase(name: Phase, to: readonly FakeJob[], ms: Record<Phase, number>, body: () => Promise<void>): Promise<void> {
+  const emit = (event: EngineEvent) => to.forEach((j) => j.options.onEvent?.(event));
+  emit({ kind: "phase", phase: name, state: "start", ms: null });
+  const t0 = performance.now();
+  await body();
+  ms[name] = performance.now() - t0;
+  emit({ kind: "phase", phase: name, state: "end", ms: ms[name] });
 }
 
 /** A probe answer with made-up rates (an H100-like GPU where there is one); the host's memory is real. */

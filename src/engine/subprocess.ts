@@ -19,6 +19,7 @@ import {
   PROTOCOL_VERSION,
   ResultFor,
   type ClearCacheResult,
+  type EngineEvent,
   type GenerateResult,
   type HelloResult,
   type JobSpec,
@@ -27,7 +28,7 @@ import {
   type ProbeResult,
   type RequestType,
 } from "../protocol/engine.ts";
-import type { EngineClient, ProbeOptions, RequestOptions } from "./client.ts";
+import type { BatchJobOptions, EngineClient, ProbeOptions, RequestOptions } from "./client.ts";
 import { pythonModuleCommand, type ProcessCommand } from "./python.ts";
 import { OutputTail } from "./stderr-tail.ts";
 
@@ -52,6 +53,13 @@ interface Pending {
   readonly resolve: (result: unknown) => void;
   readonly reject: (error: KinoError) => void;
   readonly onEvent: RequestOptions["onEvent"];
+}
+
+/** An answer a request waits for under `id`: its own, or (a batch) one of its jobs'. */
+interface Expected {
+  readonly id: string;
+  readonly type: RequestType;
+  readonly onEvent?: (event: EngineEvent) => void;
 }
 
 /** The command that runs kino's Python worker, as the config says. */
@@ -155,18 +163,43 @@ export class SubprocessEngine implements EngineClient {
 
   generate(job: JobSpec, options: RequestOptions = {}): Promise<GenerateResult> {
     const { signal } = options;
-    if (signal?.aborted) {
-      return Promise.reject(new KinoError("CANCELLED", "the job was cancelled before it started"));
-    }
+    if (signal?.aborted) return Promise.reject(cancelledBeforeStart());
     const id = this.#newId("generate");
+    const done = this.#cancelOnAbort(id, signal);
+    return this.#request("generate", { job }, options, id).finally(done);
+  }
+
+  generateBatch(jobs: readonly BatchJobOptions[]): Promise<GenerateResult>[] {
+    const members = jobs.map((options) => ({ options, id: this.#newId("generate") }));
+    const live = members.filter((m) => !m.options.signal?.aborted);
+    const id = this.#newId("generate_batch");
+    const body = { type: "generate_batch" as const, id, jobs: live.map((m) => ({ id: m.id, job: m.options.job })) };
+    const expected = live.map((m): Expected => ({ id: m.id, type: "generate", onEvent: m.options.onEvent }));
+    const [batch, ...answers] = live.length === 0 ? [] : this.#send(body, [{ id, type: "generate_batch" }, ...expected]);
+    const byId = new Map(live.map((m, k) => [m.id, answers[k]!.finally(this.#cancelOnAbort(m.id, m.options.signal)) as Promise<GenerateResult>]));
+    // The engine answers every job before the batch: a job still waiting when the batch is answered
+    // was never taken up (an engine that predates batches, a refused request), and ends as the batch did.
+    const orphans = (error: unknown) => {
+      for (const m of live) this.#pending.get(m.id)?.reject(error as KinoError);
+      for (const m of live) this.#settle(m.id);
+    };
+    batch?.then(
+      () => orphans(new KinoError("INTERNAL", "the engine answered the batch without answering each of its jobs")),
+      (err: unknown) => orphans(tooOld(err, "generate_batch")),
+    );
+    return members.map((m) => byId.get(m.id) ?? Promise.reject(cancelledBeforeStart()));
+  }
+
+  /** Sends `cancel` for `id` when `signal` aborts; returns what stops listening. */
+  #cancelOnAbort(id: string, signal: AbortSignal | undefined): () => void {
     const cancel = () => {
-      // Fire and forget: the generate request itself answers CANCELLED once the engine stops.
+      // Fire and forget: the request (or batch job) itself answers CANCELLED once the engine stops.
       this.#request("cancel", { target: id }).catch((err: unknown) => {
         this.#logger.debug(`cancel of ${id}: ${(err as Error).message}`);
       });
     };
     signal?.addEventListener("abort", cancel, { once: true });
-    return this.#request("generate", { job }, options, id).finally(() => signal?.removeEventListener("abort", cancel));
+    return () => signal?.removeEventListener("abort", cancel);
   }
 
   clearCache(): Promise<ClearCacheResult> {
@@ -177,11 +210,7 @@ export class SubprocessEngine implements EngineClient {
     try {
       return await this.#request("probe", { quick: options.quick ?? false });
     } catch (err) {
-      // An engine older than the request answers, as for any type it does not know, BAD_REQUEST on "type".
-      if (err instanceof KinoError && err.code === "BAD_REQUEST" && err.field === "type") {
-        throw new KinoError("ENGINE_TOO_OLD", `the engine does not know the probe request (${err.message})`, { cause: err });
-      }
-      throw err;
+      throw tooOld(err, "probe");
     }
   }
 
@@ -218,25 +247,29 @@ export class SubprocessEngine implements EngineClient {
     options: RequestOptions = {},
     id: string = this.#newId(type),
   ): Promise<ResultFor[T]> {
+    return this.#send({ type, id, ...body }, [{ id, type, onEvent: options.onEvent }])[0] as Promise<ResultFor[T]>;
+  }
+
+  /** Validates and writes one request; one promise per expected answer (the request's, then a batch's jobs'). */
+  #send(body: { type: RequestType } & Record<string, unknown>, expected: readonly Expected[]): Promise<unknown>[] {
+    const fail = (error: KinoError) => expected.map(() => Promise.reject(error));
     // Shutdown is the one request allowed while closing: it is how closing starts.
-    if (this.#fatal !== undefined && type !== "shutdown") return Promise.reject(this.#fatal);
-    const message = EngineRequest.safeParse({ type, id, ...body });
+    if (this.#fatal !== undefined && body.type !== "shutdown") return fail(this.#fatal);
+    const message = EngineRequest.safeParse(body);
     if (!message.success) {
       // Our own request does not match the protocol: a bug on this side, caught before the engine.
-      return Promise.reject(
-        new KinoError("INTERNAL", `the control plane built an invalid ${type} request: ${message.error.message}`),
-      );
+      const field = message.error.issues[0]?.path.map(String).join(".");
+      return fail(new KinoError("INTERNAL", `the control plane built an invalid ${body.type} request: ${message.error.message}`, { field }));
     }
-    return new Promise<ResultFor[T]>((resolve, reject) => {
-      this.#pending.set(id, {
-        type,
-        resolve: resolve as (result: unknown) => void,
-        reject,
-        onEvent: options.onEvent,
-      });
-      this.#armStallTimer();
-      this.#pipe.write(JSON.stringify(message.data) + "\n");
-    });
+    const answers = expected.map(
+      (e) =>
+        new Promise<unknown>((resolve, reject) => {
+          this.#pending.set(e.id, { type: e.type, resolve, reject, onEvent: e.onEvent });
+        }),
+    );
+    this.#armStallTimer();
+    this.#pipe.write(JSON.stringify(message.data) + "\n");
+    return answers;
   }
 
   #onData(chunk: string): void {
@@ -365,6 +398,18 @@ export class SubprocessEngine implements EngineClient {
     if (this.#stallTimer !== undefined) clearTimeout(this.#stallTimer);
     this.#stallTimer = undefined;
   }
+}
+
+function cancelledBeforeStart(): KinoError {
+  return new KinoError("CANCELLED", "the job was cancelled before it started");
+}
+
+/** An engine older than a request answers, as for any type it does not know, BAD_REQUEST on "type": ENGINE_TOO_OLD. */
+function tooOld(err: unknown, type: RequestType): unknown {
+  if (err instanceof KinoError && err.code === "BAD_REQUEST" && err.field === "type") {
+    return new KinoError("ENGINE_TOO_OLD", `the engine does not know the ${type} request (${err.message})`, { cause: err });
+  }
+  return err;
 }
 
 /** Workers still running; killed if kino exits without closing them, so none is left orphaned. */
