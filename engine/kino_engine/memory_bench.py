@@ -9,7 +9,9 @@ and prints one JSON line last on stdout: {"ok": true, "result": {...}} (tool_ans
 
 The model is built once. For each case the components are placed as the case's plan says (after
 undoing the previous case's placement), the plan's VRAM budget is enforced in this process, and the
-three phases run at the job's shape:
+three phases run at the job's shape (a transformer streamed from disk is written to a scratch file
+under the runtime's cacheDir first, which `placeS` includes: the model has random weights and no
+files):
 - text encode: both prompts, timed, its peak device memory; embeddings are reused by the next phases;
 - denoise: `warmupSteps + timedSteps` steps; per step the device time (CUDA events, the loop's own
   step timer); the untimed warm-up steps cover compilation and the first streamed copies;
@@ -36,6 +38,7 @@ from .bench import environment
 from .pipelines.wan import WanT2V
 from .protocol import JobSpec, parse_job_spec, parse_memory_plan, parse_model_spec
 from .runtime.memory import PeakRam, free_device_memory, reset_vram_peak, synchronize, vram_peak
+from .runtime.disk import DiskBlocks
 from .runtime.placement import MemoryPlan
 from .tool_answer import answer, read_spec
 
@@ -108,12 +111,19 @@ def run_case(
     peaks = [p["peakVramBytes"] for p in result["phases"].values() if p.get("peakVramBytes") is not None]
     result["peakVramBytes"] = max(peaks) if peaks else None
     result["peakRamBytes"] = ram.peak()
-    if model.placer.streamer is not None:
+    streamer = model.placer.streamer
+    if streamer is not None:
+        source = streamer.source
         result["streamer"] = {
-            "blockBytes": model.placer.streamer.block_bytes,
-            "slots": model.placer.streamer.slots_count,
-            "copies": model.placer.streamer.copies,
-            "resyncs": model.placer.streamer.resyncs,
+            "source": source.kind,
+            "blockBytes": streamer.block_bytes,
+            "slots": streamer.slots_count,
+            "copies": streamer.copies,
+            "resyncs": streamer.resyncs,
+            # From disk: the bytes read from the files (a float32 checkpoint run in bf16 reads twice
+            # the block bytes) and the staging ring's host bytes.
+            "bytesRead": source.bytes_read if isinstance(source, DiskBlocks) else None,
+            "stagingBytes": source.host_bytes if isinstance(source, DiskBlocks) else None,
         }
     return result, latents, embeds
 

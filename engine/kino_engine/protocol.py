@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Callable, Literal, Mapping, Sequence, Union
 
 from .runtime.options import RuntimeOptions
 from .runtime.placement import ALLOWED as PLACEMENTS_ALLOWED
+from .runtime.placement import SOURCES as PLACEMENT_SOURCES
 from .runtime.placement import MemoryPlan, Placement
 
 PROTOCOL_VERSION = 1
@@ -529,7 +530,10 @@ def _parse_placement(value: Any, path: str, component: str) -> Placement:
     prefetch = _get(obj, "prefetch", path)
     _check_int(resident, f"{path}.residentBlocks", minimum=0)
     _check_int(prefetch, f"{path}.prefetch", minimum=1)
-    return Placement(kind, int(resident), int(prefetch))
+    source = _get(obj, "source", path, optional=True)
+    if source is not None:
+        _check_choice(source, f"{path}.source", PLACEMENT_SOURCES)
+    return Placement(kind, int(resident), int(prefetch), source or "ram")
 
 
 def parse_memory_plan(value: Any, path: str) -> MemoryPlan:

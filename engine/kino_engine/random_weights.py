@@ -46,6 +46,15 @@ def fp32_module_names(module: torch.nn.Module, dtype: torch.dtype) -> tuple[str,
     return tuple(names)
 
 
+def load_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, fp32_modules: tuple[str, ...]) -> torch.dtype:
+    """The dtype a checkpoint tensor `name` stored as `stored` takes when its model loads in `dtype`
+    (as `from_pretrained(dtype=...)` casts it): float32 under the modules the class keeps in float32
+    (`fp32_module_names`), `dtype` for other floating tensors, non-floating ones as stored."""
+    if not stored.is_floating_point:
+        return stored
+    return torch.float32 if any(m in name.split(".") for m in fp32_modules) else dtype
+
+
 def keep_fp32_modules(module: torch.nn.Module, names: tuple[str, ...]) -> None:
     """Cast, in place, floating parameters and buffers under any module named in `names` to fp32."""
     if not names:

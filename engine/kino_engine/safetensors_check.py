@@ -6,7 +6,8 @@ the data section. A sound file has every tensor's byte range matching its dtype 
 tiling the data section without gaps or overlaps, and a size of exactly 8 + N + the last offset.
 
 `check_safetensors(path)` returns the header's tensor table or raises `CorruptSafetensors` saying
-what is wrong. It reads at most 8 + N bytes. It knows nothing about checkpoints or models.
+what is wrong. It reads at most 8 + N bytes; `data_start(path)` is where the data section begins
+(8 + N). It knows nothing about checkpoints or models.
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def check_safetensors(path: str) -> dict[str, TensorEntry]:
             f"has {data_size - position} bytes after the last tensor (garbled header or a corrupt file)"
         )
     return entries
+
+
+def data_start(path: str) -> int:
+    """Byte offset in the file of its data section (the entries' offsets count from there)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    return 8 + header_len
 
 
 def _entry(name: str, value: object) -> TensorEntry:

@@ -4,8 +4,9 @@
   the cyclic prefetch schedule (one copy per streamed block execution after the first forward),
   recovery after a forward interrupted midway, and restore() giving an ordinary module back.
 - The tiny Wan model with the text encoder swapped or on the CPU, the transformer swapped or
-  streamed, the VAE swapped: latents and frames bit-identical to the resident run (same math, same
-  device; only where the weights sit between phases changes).
+  streamed (from RAM or from the checkpoint's files on disk), the VAE swapped: latents and frames
+  bit-identical to the resident run (same math, same device; only where the weights sit between
+  phases changes). The disk tier's own tests are in test_disk_tier.py.
 - Tiled VAE decode is lossy (Wan's VAE has spatial attention in its mid block, so no halo makes
   tiles exact): at 160x96 with 64 px tiles on the tiny random model it measured 39.0 dB PSNR against
   the full decode (mean 1.47 uint8 levels; 41.3 dB at 96 px, 44.7 dB at 128 px). The test asserts
@@ -62,7 +63,7 @@ def test_streamed_blocks_give_the_resident_output(resident: int, prefetch: int) 
     for forward in range(3):
         assert torch.equal(model(x), expected), f"forward {forward}: streaming changed the output"
     # Between calls every streamed block's weights sit in the host buffer, not in a slot.
-    host = streamer.host.buffer
+    host = streamer.source.host.buffer
     for b in streamer.streamed:
         w = model.blocks[b].a.weight
         assert host.data_ptr() <= w.data_ptr() < host.data_ptr() + host.numel(), f"block {b} left in a slot"
@@ -178,6 +179,13 @@ PLANS = {
     "one block resident, prefetch 2": {
         "textEncoder": RESIDENT, "transformer": {"kind": "streamed", "residentBlocks": 1, "prefetch": 2}, "vae": {"kind": "swapped"},
     },
+    "transformer streamed from disk": {
+        "textEncoder": RESIDENT, "transformer": {"kind": "streamed", "residentBlocks": 0, "prefetch": 1, "source": "disk"}, "vae": RESIDENT,
+    },
+    "one block resident, the other from disk, prefetch 2": {
+        "textEncoder": {"kind": "cpu"}, "transformer": {"kind": "streamed", "residentBlocks": 1, "prefetch": 2, "source": "disk"},
+        "vae": {"kind": "swapped"},
+    },
 }
 
 _resident: dict[str, object] = {}
@@ -195,7 +203,9 @@ def _resident_run(path: Path) -> tuple[torch.Tensor, np.ndarray]:
 @pytest.mark.parametrize("name", list(PLANS))
 def test_plans_give_the_resident_output(tiny_checkpoint: Path, name: str) -> None:
     latents, frames = _resident_run(tiny_checkpoint)
-    model = WanT2V.load(_spec(tiny_checkpoint, {**PLANS[name], "vramBudget": None}))
+    spec = _spec(tiny_checkpoint, {**PLANS[name], "vramBudget": None})
+    model = WanT2V.load(spec, memory=spec.memory)
+    assert model.placer.plan == spec.memory, "the plan must be applied, not just parsed"
     video = model.generate(_job())
     assert video.frames is not None
     assert np.array_equal(video.frames, frames), f"{name}: frames differ from the resident run"
@@ -231,6 +241,7 @@ def test_tiled_decode_is_close_to_the_full_decode(tiny_checkpoint: Path) -> None
         ({"textEncoder": RESIDENT, "transformer": {"kind": "streamed", "residentBlocks": -1, "prefetch": 1}, "vae": RESIDENT}, "model.memory.transformer.residentBlocks"),
         ({"textEncoder": RESIDENT, "transformer": {"kind": "streamed", "residentBlocks": 0}, "vae": RESIDENT}, "model.memory.transformer.prefetch"),
         ({"textEncoder": RESIDENT, "transformer": RESIDENT, "vae": {"kind": "cpu"}}, "model.memory.vae.kind"),
+        ({"textEncoder": RESIDENT, "transformer": {"kind": "streamed", "residentBlocks": 0, "prefetch": 1, "source": "nvme"}, "vae": RESIDENT}, "model.memory.transformer.source"),
         ({"textEncoder": RESIDENT, "transformer": RESIDENT, "vae": RESIDENT, "vramBudget": 0}, "model.memory.vramBudget"),
         ({"textEncoder": RESIDENT, "transformer": RESIDENT}, "model.memory.vae"),
     ],

@@ -129,10 +129,16 @@ class WanT2V:
             from ..quant import quantize_module
 
             self.quant_report = quantize_module(self.transformer, options.weights)
+        # Where a transformer streamed from disk reads its blocks: the checkpoint's files when the
+        # loader left them there, else a scratch file under the runtime's cache folder.
+        self.transformer_weights = components.transformer_weights
+        self.scratch_dir = options.cache_dir
         self.placer = Placer.apply(
             memory or MemoryPlan(),
             device,
             {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae},
+            weights=self.transformer_weights,
+            cache_dir=self.scratch_dir,
         )
         self.runtime: Runtime = optimize(self.transformer, device, dtype, options)
 
@@ -155,7 +161,10 @@ class WanT2V:
         targets = {name: device if getattr(memory, name).kind == "resident" else host for name in COMPONENTS}
         if isinstance(spec.source, CheckpointSource):
             checkpoint = inspect_checkpoint(spec.source.path)
-            components = load_checkpoint_components(checkpoint, device, dtype, progress, targets)
+            components = load_checkpoint_components(
+                checkpoint, device, dtype, progress, targets,
+                blocks_on_disk=memory.transformer.source == "disk", weights=(runtime or RuntimeOptions()).weights,
+            )
         else:
             components = build_random_components(
                 spec.source.architecture, spec.source.seed, device, dtype, progress, targets
@@ -167,7 +176,11 @@ class WanT2V:
         self.placer.release()
         free_device_memory()
         self.placer = Placer.apply(
-            memory, self.device, {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae}
+            memory,
+            self.device,
+            {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae},
+            weights=self.transformer_weights,
+            cache_dir=self.scratch_dir,
         )
 
     # ---- geometry ----

@@ -6,6 +6,11 @@ makes a fresh scheduler per job). Precision policy: transformer and text encoder
 dtype, the VAE in float32 (as diffusers' Wan examples run it), fp32-only modules as the classes
 declare. `on_progress(component, loaded_bytes, total_bytes)` is called after each component.
 
+A transformer whose blocks the memory plan streams from disk (`blocks_on_disk`) loads without them:
+its other tensors are read from the shards, its blocks stay unloaded (meta, in their load dtypes) and
+`WanComponents.transformer_weights` says where they are, for the placement (runtime/disk.py) to read
+them block by block. Host memory never holds the whole transformer.
+
 Failures: BAD_CHECKPOINT (via checkpoint.inspect_checkpoint, before anything loads; or a component
 that fails to load), BAD_REQUEST naming the architecture field whose config does not build.
 """
@@ -22,10 +27,12 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from ..checkpoint import WanCheckpoint
+from ..checkpoint import WanCheckpoint, WeightedComponent
 from ..protocol import EngineFailure, WanArchitecture
-from ..random_weights import build_random, size_on_meta
+from ..random_weights import build_random, fp32_module_names, load_dtype, size_on_meta
 from ..runtime.memory import module_bytes
+from ..runtime.placement import BLOCKS_ATTR
+from ..runtime.weight_files import WeightIndex
 from ..synthetic_tokenizer import synthetic_t5_tokenizer
 
 VAE_DTYPE = torch.float32
@@ -44,6 +51,8 @@ class WanComponents:
     tokenizer: PreTrainedTokenizerBase
     scheduler_class: type[SchedulerMixin]
     scheduler_config: Mapping[str, Any]
+    #: The transformer's weight files, where its blocks were left on disk (else None: all in memory).
+    transformer_weights: WeightIndex | None = None
 
 
 def resolve_scheduler_class(name: str) -> type[SchedulerMixin] | None:
@@ -78,10 +87,14 @@ def load_checkpoint_components(
     dtype: torch.dtype,
     on_progress: OnProgress,
     targets: Mapping[str, torch.device] | None = None,
+    blocks_on_disk: bool = False,
+    weights: str = "exact",
 ) -> WanComponents:
     """Load a validated checkpoint (see checkpoint.inspect_checkpoint) onto `device`, or, for the
     components named in `targets` (text_encoder / transformer / vae), onto the device given there
-    (the host, for a component the memory plan keeps off the device)."""
+    (the host, for a component the memory plan keeps off the device). With `blocks_on_disk` the
+    transformer's blocks stay in its files (the module docstring); `weights` is the runtime's
+    precision, which such a transformer must keep exact."""
     where = {name: (targets or {}).get(name, device) for name in ("text_encoder", "transformer", "vae")}
     scheduler_class = resolve_scheduler_class(checkpoint.scheduler_class_name)
     if scheduler_class is None:
@@ -104,7 +117,12 @@ def load_checkpoint_components(
         pretrained(UMT5EncoderModel, checkpoint.text_encoder.folder, dtype, where["text_encoder"])
     )
     loaded("text_encoder", checkpoint.text_encoder.weight_bytes)
-    transformer = _ready(_load_transformer(checkpoint, dtype, where["transformer"]))
+    transformer_weights = None
+    if blocks_on_disk:
+        _check_disk_streamable(checkpoint, weights)
+        transformer, transformer_weights = _transformer_without_blocks(checkpoint.transformer, dtype, where["transformer"])
+    else:
+        transformer = _ready(_load_transformer(checkpoint, dtype, where["transformer"]))
     loaded("transformer", checkpoint.transformer.weight_bytes)
     vae = _ready(pretrained(AutoencoderKLWan, checkpoint.vae.folder, VAE_DTYPE, where["vae"]))
     loaded("vae", checkpoint.vae.weight_bytes)
@@ -117,7 +135,69 @@ def load_checkpoint_components(
         tokenizer=tokenizer,
         scheduler_class=scheduler_class,
         scheduler_config=dict(checkpoint.scheduler_config),
+        transformer_weights=transformer_weights,
     )
+
+
+def _check_disk_streamable(checkpoint: WanCheckpoint, weights: str) -> None:
+    """Blocks streamed from the checkpoint's files are its exact tensors: refuse a precision change."""
+    from ..quant import is_quantized
+
+    field = "model.memory.transformer.source"
+    if is_quantized(str(checkpoint.transformer.folder)):
+        raise EngineFailure(
+            "BAD_REQUEST",
+            f"{checkpoint.transformer.folder} is a pre-quantized transformer, which kino cannot stream from disk yet; "
+            "stream it from RAM, or stream the exact checkpoint",
+            phase="load",
+            field=field,
+        )
+    if weights != "exact":
+        raise EngineFailure(
+            "BAD_REQUEST",
+            f"a transformer streamed from disk reads the checkpoint's exact tensors and cannot be quantized at load "
+            f"(runtime weights {weights!r}); use weights \"exact\", or stream from RAM",
+            phase="load",
+            field=field,
+        )
+
+
+def _transformer_without_blocks(
+    component: WeightedComponent, dtype: torch.dtype, target: torch.device
+) -> tuple[torch.nn.Module, WeightIndex]:
+    """The transformer with every tensor but its blocks' loaded onto `target` (cast as from_pretrained
+    casts), the blocks unloaded (meta, in their load dtypes), and the index of its files. The shards
+    are memory-mapped by safe_open and only the loaded tensors' pages are read."""
+    from safetensors import safe_open
+
+    from ..quant.skeleton import assign, empty_model, missing
+    from ..quant.stream import bad_checkpoint
+
+    model = empty_model(dict(component.config))  # parameters on meta, constructed buffers real
+    fp32 = fp32_module_names(model, dtype)
+    prefix = f"{BLOCKS_ATTR}."
+    for name, t in list(model.named_parameters()):
+        if name.startswith(prefix):
+            assign(model, name, torch.empty(t.shape, dtype=load_dtype(name, t.dtype, dtype, fp32), device="meta"))
+    try:
+        for path in component.weight_files:
+            with safe_open(path, framework="pt", device="cpu") as shard:
+                for name in shard.keys():
+                    if name.startswith(prefix):
+                        continue
+                    source = shard.get_tensor(name)
+                    # copy=True: a kept view of the memory map would keep the shard's pages resident.
+                    assign(model, name, source.to(device=target, dtype=load_dtype(name, source.dtype, dtype, fp32), copy=True))
+        index = WeightIndex.of_files(component.weight_files)
+        for name, t in model.named_parameters():
+            if name.startswith(prefix):
+                index.check(name, t)
+    except (KeyError, ValueError) as exc:
+        raise bad_checkpoint(f"{component.folder}: {exc}") from None
+    absent = [name for name in missing(model) if not name.startswith(prefix)]
+    if absent:
+        raise bad_checkpoint(f"{component.folder}: {len(absent)} tensor(s) are in no weight file, e.g. {absent[:3]}")
+    return _ready(model), index
 
 
 def _has_room(device: torch.device, nbytes: int) -> bool:

@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from ..checkpoint import WeightedComponent, _weighted
 from ..protocol import EngineFailure
-from ..random_weights import fp32_module_names
+from ..random_weights import fp32_module_names, load_dtype
 from ..runtime.memory import module_bytes
 from .apply import QuantReport, count_linears
 from .formats import check_mode, quantize_weight
@@ -100,10 +100,7 @@ class _LoadPlan:
     dtype: torch.dtype
 
     def target_dtype(self, name: str, source: torch.dtype) -> torch.dtype:
-        if not source.is_floating_point:
-            return source
-        parts = name.split(".")
-        return torch.float32 if any(m in parts for m in self.fp32_modules) else self.dtype
+        return load_dtype(name, source, self.dtype, self.fp32_modules)
 
 
 def unquantized_bytes(model: torch.nn.Module, plan: _LoadPlan) -> int:

@@ -10,7 +10,9 @@ A `MemoryPlan` names, for the text encoder, the transformer and the VAE, one `Pl
   blocks stay on the device; the other blocks live in one pinned host buffer and are copied, a
   block at a time, into `prefetch + 1` device slots on a side CUDA stream, `prefetch` blocks ahead
   of the one computing. The host holds one copy of the streamed weights, not two; the slots exist
-  only during the transformer's phase (text encode and decode get their memory);
+  only during the transformer's phase (text encode and decode get their memory). With `source`
+  "disk" the streamed blocks stay in safetensors files instead and pass through a pinned staging
+  ring of two blocks on their way (disk.py): for hosts whose RAM is smaller than the weights;
 - "cpu" (text encoder only): stays on the host and runs there; its output moves to the device.
 
 `vram_budget` caps the bytes the engine process may hold on the device (torch's per-process memory
@@ -27,6 +29,10 @@ end of ticket k-1's compute (the slot's previous user). The compute stream waits
 only, so copies overlap compute and the host never blocks. A forward interrupted midway (an exception,
 a cancellation) breaks the cyclic order; the next block call notices and starts the cycle again.
 
+Where a streamed block's bytes come from is the streamer's source: `RamBlocks` (one pinned host
+buffer holding every streamed block, its copies queued inline) or disk.DiskBlocks (files read by a
+reader thread into a staging ring, then the same copy). The schedule above is the same for both.
+
 The transformer's own forward iterates `self.blocks`; the streamer replaces that ModuleList with a
 subclass whose iteration yields callables doing before/forward/after, so the blocks (and their
 compiled forms) are untouched and state-dict names stay the same.
@@ -39,9 +45,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from pathlib import Path
+from typing import Any, Iterator, Literal, Protocol
 
 import torch
+
+from .disk import DiskBlocks, disk_index
+from .host_memory import HostBuffer, adopt, copy_on_stream, layout, module_tensors, named_tensors, to_device, view_as
+from .weight_files import WeightIndex
 
 log = logging.getLogger("kino.placement")
 
@@ -54,8 +65,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "transformer": ("resident", "swapped", "streamed"),
     "vae": ("resident", "swapped"),
 }
-#: Byte alignment of each tensor inside a flat buffer (covers every dtype's alignment and vector loads).
-ALIGN = 512
+#: Where a streamed placement's blocks live off the device: pinned host RAM, or files on disk.
+SOURCES: tuple[str, ...] = ("ram", "disk")
+#: The transformer's ModuleList of repeated blocks, the ones a "streamed" placement streams.
+BLOCKS_ATTR = "blocks"
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class Placement:
     resident_blocks: int = 0
     #: "streamed": how many blocks are copied ahead of the one computing (device slots = prefetch + 1).
     prefetch: int = 1
+    #: "streamed": where the streamed blocks live, "ram" (one pinned host buffer) or "disk" (files).
+    source: str = "ram"
 
     def __post_init__(self) -> None:
         if self.kind not in PLACEMENT_KINDS:
@@ -73,6 +88,10 @@ class Placement:
             raise ValueError(f"residentBlocks must be an int >= 0, got {self.resident_blocks!r}")
         if not isinstance(self.prefetch, int) or self.prefetch < 1:
             raise ValueError(f"prefetch must be an int >= 1, got {self.prefetch!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if self.source != "ram" and self.kind != "streamed":
+            raise ValueError(f"source {self.source!r} applies to a streamed placement only, not {self.kind!r}")
 
 
 RESIDENT = Placement()
@@ -102,95 +121,6 @@ class MemoryPlan:
         return all(getattr(self, name).kind == "resident" for name in COMPONENTS)
 
 
-# ---- flat host buffers -----------------------------------------------------------------------
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The module's parameters and buffers, each once, in a fixed order."""
-    seen: set[int] = set()
-    out: list[torch.Tensor] = []
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            out.append(t)
-    return out
-
-
-def _layout(tensors: list[torch.Tensor]) -> tuple[list[int], int]:
-    """Offsets of each tensor in a flat byte buffer, and the buffer's size."""
-    offsets, size = [], 0
-    for t in tensors:
-        offsets.append(size)
-        size += _aligned(t.numel() * t.element_size())
-    return offsets, size
-
-
-def _view(buffer: torch.Tensor, offset: int, like: torch.Tensor) -> torch.Tensor:
-    """A tensor shaped and typed like `like` over buffer[offset:] (buffer is flat uint8)."""
-    nbytes = like.numel() * like.element_size()
-    return buffer[offset : offset + nbytes].view(like.dtype).view(like.shape)
-
-
-class HostBuffer:
-    """One flat host byte buffer, page-locked where CUDA is available so copies from it are async DMA.
-
-    It is allocated at its exact size and registered with cudaHostRegister, rather than taken from
-    torch's pinned allocator, which rounds each allocation up to a power of two (a 1.1 GiB block would
-    pin 2 GiB). If registering fails, it falls back to torch's pinned allocator and says so.
-    """
-
-    def __init__(self, nbytes: int, pin: bool):
-        self.nbytes = nbytes
-        self.buffer = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        self.registered = False
-        self.pinned = False
-        if pin:
-            if _host_register(self.buffer):
-                self.registered = self.pinned = True
-            else:
-                log.warning("placement: cudaHostRegister failed; using torch's pinned allocator (rounds up to 2^k)")
-                self.buffer = self.buffer.pin_memory()
-                self.pinned = True
-
-    def view(self, offset: int, like: torch.Tensor) -> torch.Tensor:
-        return _view(self.buffer, offset, like)
-
-    def close(self) -> None:
-        if self.registered:
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
-            self.registered = False
-
-
-def _adopt(host: HostBuffer, base: int, tensors: list[torch.Tensor], offsets: list[int]) -> list[torch.Tensor]:
-    """Copy `tensors` into `host` at base + their offsets and point them there; returns the views.
-    Each tensor's original storage (device or pageable host) is released as it moves."""
-    views = []
-    for t, offset in zip(tensors, offsets):
-        view = host.view(base + offset, t)
-        view.copy_(t.data)
-        t.data = view
-        views.append(view)
-    return views
-
-
-def _to_device(tensors: list[torch.Tensor], views: list[torch.Tensor], device: torch.device) -> None:
-    """Point `tensors` at fresh device copies of their host views (a placement undone)."""
-    for t, view in zip(tensors, views):
-        t.data = view.to(device, copy=True)
-
-
-def _host_register(buffer: torch.Tensor) -> bool:
-    try:
-        err = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
-    except Exception:  # noqa: BLE001 - any failure means "not registered"; the caller falls back
-        return False
-    return int(err) == 0
-
-
 # ---- swapped components ----------------------------------------------------------------------
 
 
@@ -200,10 +130,10 @@ class SwappedComponent:
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.module = module
         self.device = device
-        self.tensors = _tensors(module)
-        offsets, size = _layout(self.tensors)
+        self.tensors = module_tensors(module)
+        offsets, size = layout(self.tensors)
         self.host = HostBuffer(size, pin=device.type == "cuda")
-        self.host_views = _adopt(self.host, 0, self.tensors, offsets)
+        self.host_views = adopt(self.host, 0, self.tensors, offsets)
         self.inside = False
 
     @property
@@ -226,11 +156,65 @@ class SwappedComponent:
 
     def restore(self) -> None:
         """Back to an ordinary resident module on the device (copies its weights there)."""
-        _to_device(self.tensors, self.host_views, self.device)
+        to_device(self.tensors, self.host_views, self.device)
         self.host.close()
 
 
 # ---- block streaming -------------------------------------------------------------------------
+
+
+class BlockSource(Protocol):
+    """Where the streamer's copies come from; block p is the p-th streamed block."""
+
+    kind: str
+
+    @property
+    def pinned_bytes(self) -> int: ...
+
+    def rest_views(self, p: int) -> list[torch.Tensor]:
+        """What block p's tensors point at between calls."""
+        ...
+
+    def copy(self, p: int, slot: torch.Tensor, stream: torch.cuda.Stream | None, after: torch.cuda.Event | None) -> Any:
+        """Queue block p's bytes into `slot` behind `after` on `stream`; returns a handle for `ready`."""
+        ...
+
+    def ready(self, handle: Any) -> torch.cuda.Event | None:
+        """The event ending the copy (None: done already, on the CPU)."""
+        ...
+
+    def restore(self, tensors: list[list[torch.Tensor]], device: torch.device) -> None:
+        """Every block's tensors onto `device` again; the source is closed."""
+        ...
+
+
+class RamBlocks:
+    """Every streamed block in one registered host buffer, one identical layout per block."""
+
+    kind = "ram"
+
+    def __init__(self, tensors: list[list[torch.Tensor]], offsets: list[int], block_bytes: int, device: torch.device):
+        self.block_bytes = block_bytes
+        self.host = HostBuffer(block_bytes * len(tensors), pin=device.type == "cuda")
+        self.host_views = [adopt(self.host, p * block_bytes, ts, offsets) for p, ts in enumerate(tensors)]
+
+    @property
+    def pinned_bytes(self) -> int:
+        return self.host.nbytes if self.host.pinned else 0
+
+    def rest_views(self, p: int) -> list[torch.Tensor]:
+        return self.host_views[p]
+
+    def copy(self, p: int, slot: torch.Tensor, stream: torch.cuda.Stream | None, after: torch.cuda.Event | None) -> Any:
+        return copy_on_stream(self.host.buffer[p * self.block_bytes : (p + 1) * self.block_bytes], slot, stream, after)
+
+    def ready(self, handle: Any) -> torch.cuda.Event | None:
+        return handle
+
+    def restore(self, tensors: list[list[torch.Tensor]], device: torch.device) -> None:
+        for ts, views in zip(tensors, self.host_views):
+            to_device(ts, views, device)
+        self.host.close()
 
 
 class _StreamedBlocks(torch.nn.ModuleList):
@@ -259,9 +243,19 @@ class _Call:
 
 
 class BlockStreamer:
-    """Streams the transformer blocks `blocks[resident_blocks:]` through `prefetch + 1` device slots."""
+    """Streams the transformer blocks `blocks[resident_blocks:]` through `prefetch + 1` device slots,
+    from pinned host RAM, or from the files of `disk` (a WeightIndex holding every streamed tensor
+    under its state-dict name relative to `owner`)."""
 
-    def __init__(self, owner: torch.nn.Module, attr: str, resident_blocks: int, prefetch: int, device: torch.device):
+    def __init__(
+        self,
+        owner: torch.nn.Module,
+        attr: str,
+        resident_blocks: int,
+        prefetch: int,
+        device: torch.device,
+        disk: WeightIndex | None = None,
+    ):
         blocks = getattr(owner, attr)
         if not isinstance(blocks, torch.nn.ModuleList):
             raise ValueError(f"{type(owner).__name__}.{attr} is not a ModuleList of blocks")
@@ -271,23 +265,29 @@ class BlockStreamer:
         self.cuda = device.type == "cuda"
         self.streamed = list(range(resident_blocks, len(blocks)))
         self.position = {b: p for p, b in enumerate(self.streamed)}
-        self.tensors = [_tensors(blocks[b]) for b in self.streamed]
+        named = [named_tensors(blocks[b]) for b in self.streamed]
+        self.tensors = [[t for _, t in block] for block in named]
         first = self.tensors[0]
         for b, ts in zip(self.streamed, self.tensors):
             if [(t.shape, t.dtype) for t in ts] != [(t.shape, t.dtype) for t in first]:
                 raise ValueError(f"block {b} differs in layout from block {self.streamed[0]}: cannot share slots")
-        self.offsets, self.block_bytes = _layout(first)
+        self.offsets, self.block_bytes = layout(first)
         count = len(self.streamed)
-        self.host = HostBuffer(self.block_bytes * count, pin=self.cuda)
-        self.host_views = [_adopt(self.host, p * self.block_bytes, ts, self.offsets) for p, ts in enumerate(self.tensors)]
+        self.source: BlockSource
+        if disk is None:
+            self.source = RamBlocks(self.tensors, self.offsets, self.block_bytes, device)
+        else:
+            names = [[f"{attr}.{b}.{local}" for local, _ in block] for b, block in zip(self.streamed, named)]
+            self.source = DiskBlocks(names, self.tensors, self.offsets, self.block_bytes, device, disk)
         self.slots_count = min(prefetch + 1, count)
         self.slots: list[torch.Tensor] = []
         self.slot_views: list[list[torch.Tensor]] = []
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        # Per slot: the ticket whose bytes it holds (or is receiving), the event of that copy, and the
-        # event marking the end of the last compute that read it.
+        # Per slot: the ticket whose bytes it holds (or is receiving), the handle of that copy (the
+        # source's `ready` turns it into the copy's event), and the event marking the end of the last
+        # compute that read it.
         self.slot_ticket: list[int | None] = [None] * self.slots_count
-        self.copied: list[torch.cuda.Event | None] = [None] * self.slots_count
+        self.copied: list[Any] = [None] * self.slots_count
         self.freed: list[torch.cuda.Event | None] = [None] * self.slots_count
         self.ticket = 0  # the next streamed execution
         self.issued = -1  # the last ticket whose copy was queued
@@ -298,7 +298,7 @@ class BlockStreamer:
 
     @property
     def pinned_bytes(self) -> int:
-        return self.host.nbytes if self.host.pinned else 0
+        return self.source.pinned_bytes
 
     @property
     def device_bytes(self) -> int:
@@ -311,7 +311,7 @@ class BlockStreamer:
             return
         first = self.tensors[0]
         self.slots = [torch.empty(self.block_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.slots_count)]
-        self.slot_views = [[_view(slot, offset, t) for t, offset in zip(first, self.offsets)] for slot in self.slots]
+        self.slot_views = [[view_as(slot, offset, t) for t, offset in zip(first, self.offsets)] for slot in self.slots]
         self.slot_ticket = [None] * self.slots_count
         self.copied = [None] * self.slots_count
         self.freed = [None] * self.slots_count
@@ -321,6 +321,14 @@ class BlockStreamer:
         """Free the device slots (the transformer's phase ends), so decode has their memory."""
         if not self.slots:
             return
+        for handle in self.copied:
+            if handle is not None:
+                # A disk read still under way writes into a slot: let it finish. Its failure, if it
+                # failed, belongs to the forward that needed the block, which has already seen it.
+                try:
+                    self.source.ready(handle)
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("placement: a prefetch failed as the phase ended: %s", exc)
         if self.cuda:
             # Copies still in flight (the next forward's prefetch) write into the slots: order the
             # free after them, since the allocator reuses freed memory in the compute stream's order.
@@ -328,6 +336,7 @@ class BlockStreamer:
         self.slots = []
         self.slot_views = []
         self.slot_ticket = [None] * self.slots_count
+        self.copied = [None] * self.slots_count
 
     def call(self, index: int, block: torch.nn.Module) -> _Call:
         return _Call(self, index, block)
@@ -338,20 +347,7 @@ class BlockStreamer:
     def _issue(self, ticket: int) -> None:
         """Queue the copy of ticket's block into its slot, after the slot's last reader finished."""
         slot = ticket % self.slots_count
-        p = self._block_of(ticket)
-        src = self.host.buffer[p * self.block_bytes : (p + 1) * self.block_bytes]
-        if self.cuda:
-            assert self.copy_stream is not None
-            freed = self.freed[slot]
-            if freed is not None:
-                self.copy_stream.wait_event(freed)
-            with torch.cuda.stream(self.copy_stream):
-                self.slots[slot].copy_(src, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-            self.copied[slot] = event
-        else:
-            self.slots[slot].copy_(src)
+        self.copied[slot] = self.source.copy(self._block_of(ticket), self.slots[slot], self.copy_stream, self.freed[slot])
         self.slot_ticket[slot] = ticket
         self.copies += 1
 
@@ -381,9 +377,12 @@ class BlockStreamer:
         for ahead in range(self.issued + 1, ticket + self.slots_count):
             self._issue(ahead)
         self.issued = max(self.issued, ticket + self.slots_count - 1)
-        if self.cuda:
-            event = self.copied[slot]
-            assert event is not None
+        try:
+            event = self.source.ready(self.copied[slot])
+        except BaseException:
+            self.slot_ticket[slot] = None  # a failed read: the next call issues it again
+            raise
+        if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         for t, view in zip(self.tensors[p], self.slot_views[slot]):
             t.data = view
@@ -395,19 +394,17 @@ class BlockStreamer:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             self.freed[slot] = event
-        for t, view in zip(self.tensors[p], self.host_views[p]):
+        for t, view in zip(self.tensors[p], self.source.rest_views(p)):
             t.data = view
         self.ticket += 1
 
     def restore(self) -> None:
         """Every block resident again; the ModuleList back to a plain one."""
         self.leave()
-        for ts, views in zip(self.tensors, self.host_views):
-            _to_device(ts, views, self.device)
+        self.source.restore(self.tensors, self.device)
         blocks = getattr(self.owner, self.attr)
         blocks.__class__ = torch.nn.ModuleList
         del blocks._kino_streamer
-        self.host.close()
 
 
 # ---- the placer ------------------------------------------------------------------------------
@@ -434,8 +431,19 @@ class Placer:
         self.fraction: float | None = None
 
     @classmethod
-    def apply(cls, plan: MemoryPlan, device: torch.device, components: dict[str, torch.nn.Module]) -> Placer:
-        """Place `components` (name -> module, each on the device or the host) as `plan` says."""
+    def apply(
+        cls,
+        plan: MemoryPlan,
+        device: torch.device,
+        components: dict[str, torch.nn.Module],
+        *,
+        weights: WeightIndex | None = None,
+        cache_dir: Path | None = None,
+    ) -> Placer:
+        """Place `components` (name -> module, each on the device or the host) as `plan` says.
+
+        A transformer streamed from disk reads its blocks from `weights` (the checkpoint's files) where
+        the loader left them unloaded, else from a scratch file written under `cache_dir`."""
         placer = cls(plan, device, components)
         for name in COMPONENTS:
             module = components[name]
@@ -447,22 +455,29 @@ class Placer:
             elif placement.kind == "swapped":
                 placer.swapped[name] = SwappedComponent(module, device)
             elif placement.kind == "streamed":
-                blocks = getattr(module, "blocks", None)
+                blocks = getattr(module, BLOCKS_ATTR, None)
                 if not isinstance(blocks, torch.nn.ModuleList):
-                    raise ValueError(f"{name}: {type(module).__name__} has no `blocks` to stream")
-                placer.streamer = BlockStreamer(module, "blocks", placement.resident_blocks, placement.prefetch, device)
+                    raise ValueError(f"{name}: {type(module).__name__} has no `{BLOCKS_ATTR}` to stream")
+                disk = None
+                if placement.source == "disk":
+                    disk = disk_index(module, BLOCKS_ATTR, placement.resident_blocks, weights, cache_dir, device)
+                placer.streamer = BlockStreamer(
+                    module, BLOCKS_ATTR, placement.resident_blocks, placement.prefetch, device, disk
+                )
                 # The rest (embeddings, norms, output projection, resident blocks) goes to the device;
                 # module.to() would take the streamed blocks' host copies along, so move tensor by tensor.
                 streamed = {id(t) for ts in placer.streamer.tensors for t in ts}
-                for t in _tensors(module):
+                for t in module_tensors(module):
                     if id(t) not in streamed:
                         t.data = t.data.to(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         placer.fraction = _set_budget(device, plan.vram_budget)
         log.info(
-            "placement: text encoder %s, transformer %s, vae %s; pinned %d bytes; budget %s",
-            plan.text_encoder.kind, plan.transformer.kind, plan.vae.kind, placer.pinned_bytes, plan.vram_budget,
+            "placement: text encoder %s, transformer %s%s, vae %s; pinned %d bytes; budget %s",
+            plan.text_encoder.kind, plan.transformer.kind,
+            " from disk" if plan.transformer.source == "disk" else "",
+            plan.vae.kind, placer.pinned_bytes, plan.vram_budget,
         )
         return placer
 
