@@ -1,8 +1,9 @@
 /**
  * End to end through the real Python engine (SubprocessEngine) on the CPU, kino's tiny model made on
  * first use, over a real socket: a job submitted, followed over SSE until completed, its video
- * fetched with a Range request and whole, and checked with ffprobe; then the engine killed with
- * SIGKILL mid-job: that job fails with a clear error, the server stays up, the next job succeeds.
+ * fetched with a Range request and whole, and checked with ffprobe; two jobs of one shape queued
+ * behind a running one run as one batch, each with its own events and video; then the engine killed
+ * with SIGKILL mid-job: that job fails with a clear error, the server stays up, the next job succeeds.
  */
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -79,6 +80,34 @@ describe("kino serve on the real engine, tiny model, CPU", { timeout: 240_000 },
     assert.equal(done.status, "completed");
     assert.equal(done.artifacts[0]!.bytes, bytes.length);
     assert.deepEqual([done.result?.frames, done.result?.width, done.result?.height], [9, 64, 48]);
+  });
+
+  test("two jobs of one shape queued behind a running one run as one batch, each with its own events, result and video", async () => {
+    const blocker = await post({ ...JOB, steps: 60, seed: 1 });
+    const status = async (id: string) => Job.parse(await (await fetch(`${url}/api/jobs/${id}`)).json()).status;
+    while ((await status(blocker.id)) !== "running") await new Promise((r) => setTimeout(r, 10));
+    const jobs = [await post({ ...JOB, prompt: "a red kite over the sea", seed: 11 }), await post({ ...JOB, prompt: "a green lantern", seed: 12 })];
+    assert.equal(await status(blocker.id), "running", "both jobs were queued while the first one ran");
+    const streams = await Promise.all(jobs.map((j) => readSse(`${url}/api/jobs/${j.id}/events`)));
+    const videos: Buffer[] = [];
+    for (const [k, { events }] of streams.entries()) {
+      const types = events.map((e) => e.event);
+      assert.deepEqual(types.filter((x) => TERMINAL.includes(x)), ["completed"], `job ${k}: ${types.join(", ")}`);
+      const notice = events.find((e) => e.event === "notice")?.data.data.message ?? "";
+      assert.match(notice, /runs in one batch with 1 other job of the same model and shape/, `job ${k} ran in the batch`);
+      const steps = events.filter((e) => e.event === "progress" && e.data.data.step !== null).map((e) => e.data.data.step);
+      assert.deepEqual(steps, [1, 2, 3, 4], `job ${k} has its own step events`);
+      const done = Job.parse(await (await fetch(`${url}/api/jobs/${jobs[k]!.id}`)).json());
+      assert.equal(done.result?.batchSize, 2, "the engine ran both in one loop");
+      const bytes = Buffer.from(await (await fetch(`${url}/api/jobs/${jobs[k]!.id}/video`)).arrayBuffer());
+      const file = join(home, `batch-${k}.mp4`);
+      writeFileSync(file, bytes);
+      const probe = await probeVideo(file);
+      assert.deepEqual([probe.codec, probe.width, probe.height, probe.frames], ["h264", 64, 48, 9]);
+      videos.push(bytes);
+    }
+    assert.ok(!videos[0]!.equals(videos[1]!), "each job has its own video (its own prompt and seed)");
+    assert.equal(await status(blocker.id), "completed");
   });
 
   test("SIGKILL of the engine mid-job: that job fails with a clear error, the server stays up, the next job succeeds", async () => {

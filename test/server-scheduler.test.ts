@@ -11,7 +11,7 @@ import { KinoError } from "../src/errors.ts";
 import { GiB } from "../src/planner/hardware.ts";
 import type { DeviceInfo, GenerateResult, JobSpec, LoadResult, ModelSpec } from "../src/protocol/engine.ts";
 import { batchKey } from "../src/server/scheduler/model-spec.ts";
-import { decideOomRetry, isEngineFailure, pickSlot, restartBackoffMs, selectBatch, type SlotView } from "../src/server/scheduler/policy.ts";
+import { decideOomRetry, isEngineFailure, pickSlot, restartBackoffMs, type SlotView } from "../src/server/scheduler/policy.ts";
 import { Health, ProcessList } from "../src/server/schemas.ts";
 import { ManualClock, parseSse, SMALL_JOB, submit, waitForStatus, withTestServer, type TestServer } from "./fixtures/server.ts";
 
@@ -253,12 +253,10 @@ describe("the scheduler's decisions", () => {
     assert.ok(decideOomRetry(0, true).margin > 0.1, "a larger margin than the planner's default");
   });
 
-  test("engine failures, backoff and the batching extension point", () => {
+  test("engine failures, backoff and the batch key", () => {
     for (const code of ["ENGINE_CRASHED", "ENGINE_STALLED", "ENGINE_CLOSED", "ENGINE_UNAVAILABLE"] as const) assert.ok(isEngineFailure(code), code);
     for (const code of ["OOM", "CANCELLED", "BAD_CHECKPOINT", "INTERNAL"] as const) assert.ok(!isEngineFailure(code), code);
     assert.deepEqual([1, 2, 3, 7, 20].map(restartBackoffMs), [1000, 2000, 4000, 60_000, 60_000]);
-    const a = { id: "a", batchKey: "k" };
-    assert.deepEqual(selectBatch(a, [a, { id: "b", batchKey: "k" }]), [a], "the protocol has no batched generate yet: one job at a time");
     const sub = { model: { name: "tiny", path: "/m", randomWeights: false, tiny: true }, params: { ...SMALL_JOB_PARAMS }, dtype: null, keepAliveMs: null };
     assert.equal(batchKey(sub), batchKey({ ...sub, params: { ...sub.params, prompt: "another", seed: 9 } }), "prompt and seed do not change the shape");
     assert.notEqual(batchKey(sub), batchKey({ ...sub, params: { ...sub.params, width: 128 } }));

@@ -29,6 +29,8 @@ test("serve options: loopback by default; another address needs a key; bad flags
   assert.throws(() => resolveServeOptions(config, { port: "http" }), (e: KinoError) => e.field === "port");
   assert.throws(() => resolveServeOptions(config, { queueSize: "0" }), (e: KinoError) => e.field === "queueSize");
   assert.throws(() => resolveServeOptions(config, { keepAlive: "soon" }), (e: KinoError) => e.field === "keepAlive");
+  assert.deepEqual([defaults.maxBatch, resolveServeOptions(config, { maxBatch: "1" }).maxBatch], [4, 1], "--max-batch: 4 by default, 1 turns batching off");
+  assert.throws(() => resolveServeOptions(config, { maxBatch: "0" }), (e: KinoError) => e.field === "maxBatch");
 });
 
 test("keep-alive durations as Ollama spells them", () => {

@@ -104,6 +104,7 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
     cacheDir: join(config.cache, "runtime"),
     defaultKeepAliveMs: options.keepAliveMs,
     queueSize: options.queueSize,
+    maxBatch: options.maxBatch,
     shared: deps.sharedQueue,
   });
   const service = new JobService({ journal, scheduler, modelsDir: config.modelsDir, dataDir: options.dataDir });

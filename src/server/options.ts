@@ -16,6 +16,12 @@ export const DEFAULT_PORT = 5466;
 export const DEFAULT_QUEUE_SIZE = 64;
 /** How long a model stays loaded after its last job (Ollama's default too). */
 export const DEFAULT_KEEP_ALIVE_MS = 5 * 60_000;
+/**
+ * Jobs of one shape run as one batch at most (one forward carries all of them), and only as many as
+ * the plan has room for on the engine's GPU. Four keeps the wait of the batch's last job (it decodes
+ * after the others) short while most of a small GPU job's launch overhead is already shared.
+ */
+export const DEFAULT_MAX_BATCH = 4;
 /** A job request is a few kilobytes of JSON; a megabyte is generous. */
 export const DEFAULT_BODY_LIMIT_BYTES = 1024 * 1024;
 
@@ -26,6 +32,8 @@ export interface ServeOptions {
   /** Required as `Authorization: Bearer <key>` when set; required to bind beyond loopback. */
   readonly apiKey: string | null;
   readonly queueSize: number;
+  /** Waiting jobs of one shape run together as one batch, this many at most; 1 runs every job alone. */
+  readonly maxBatch: number;
   /** Keep-alive after a job: > 0 ms, 0 unloads at once, < 0 keeps the model loaded for good. */
   readonly keepAliveMs: number;
   readonly bodyLimitBytes: number;
@@ -44,6 +52,7 @@ export interface ServeFlags {
   readonly port?: string;
   readonly apiKey?: string;
   readonly queueSize?: string;
+  readonly maxBatch?: string;
   readonly keepAlive?: string;
   readonly dataDir?: string;
   readonly queue?: string;
@@ -65,6 +74,7 @@ export function resolveServeOptions(
     port: flags.port === undefined ? DEFAULT_PORT : wholeNumber(flags.port, "port", 0, 65_535),
     apiKey: flags.apiKey ?? config.apiKey,
     queueSize: flags.queueSize === undefined ? DEFAULT_QUEUE_SIZE : wholeNumber(flags.queueSize, "queueSize", 1, 1_000_000),
+    maxBatch: flags.maxBatch === undefined ? DEFAULT_MAX_BATCH : wholeNumber(flags.maxBatch, "maxBatch", 1, 64),
     keepAliveMs: flags.keepAlive === undefined ? DEFAULT_KEEP_ALIVE_MS : parseKeepAlive(flags.keepAlive, "keepAlive"),
     bodyLimitBytes: DEFAULT_BODY_LIMIT_BYTES,
     dataDir: flags.dataDir === undefined ? config.dataDir : resolve(cwd, flags.dataDir),

@@ -91,6 +91,8 @@ export const JobResult = z.object({
   timings: Timings,
   peakVramBytes: z.number().int().nullable(),
   peakRamBytes: z.number().int(),
+  /** The jobs that shared this job's denoising loop (1: it ran alone); absent from jobs of older servers. */
+  batchSize: z.number().int().positive().optional(),
 });
 export type JobResult = z.infer<typeof JobResult>;
 
@@ -236,7 +238,10 @@ export const EngineStatus = z.object({
   state: EngineState,
   device: z.object({ kind: z.enum(["cuda", "cpu"]), name: z.string(), totalBytes: z.number().int().nullable() }).nullable(),
   model: z.string().nullable(),
+  /** The job it runs (a batch's first). */
   jobId: JobId.nullable(),
+  /** Every job it runs: one, or the jobs of a batch (one forward per step for all of them). */
+  jobIds: z.array(JobId),
   /** Device bytes the loaded model's weights hold, as the engine reported after loading; null on the CPU, or with nothing loaded. */
   vramBytes: z.number().int().nullable(),
   /** Peak device memory of the last job on this engine (the protocol has no live query); null on the CPU. */

@@ -1,15 +1,19 @@
 /**
- * The queue of jobs waiting for an engine. The scheduler owns the order and the bound; the queue only
- * holds ids. `LocalJobQueue` is the in-process FIFO (the job store makes it durable: a restarted
- * server rebuilds it from the jobs stored as queued). A queue shared by several machines (Redis,
- * BullMQ) implements the same interface.
+ * The queue of jobs waiting for an engine. The scheduler owns the order and the bound; the queue holds
+ * ids and what the scheduler places and batches jobs by. `LocalJobQueue` is the in-process FIFO (the
+ * job store makes it durable: a restarted server rebuilds it from the jobs stored as queued). A queue
+ * shared by several machines (Redis, BullMQ) implements the same interface.
  */
+import type { JobSubmission } from "./store.ts";
+
 export interface QueuedJob {
   readonly id: string;
   /** Which loaded model serves it (model-spec.ts `modelIdentity`). */
   readonly identity: string;
   /** Jobs with equal keys could share a batched forward (model-spec.ts `batchKey`). */
   readonly batchKey: string;
+  /** What the job runs: the model and parameters a batch's room is planned with. */
+  readonly submission: JobSubmission;
 }
 
 export interface JobQueue {

@@ -6,6 +6,9 @@
  * (planner/execute.ts). Jobs on CPU engines and of kino's tiny model are not planned (the planner
  * models GPUs and full-size architectures).
  *
+ * Batching: jobs of one shape share one plan (the same placements, decode and CFG); `batchRoom`
+ * says how many of them that plan has room for on a GPU.
+ *
  * The hardware profile is built from what the engine reported (`hello`: total and free VRAM, host
  * RAM); the rates are the H100 preset's until the engine measures them (`probe`). Rates change the
  * predicted times and the choice among fitting plans, never whether a plan fits.
@@ -16,7 +19,7 @@ import type { DeviceInfo } from "../../protocol/engine.ts";
 import { GiB, reportedProfile, type HardwareProfile } from "../../planner/hardware.ts";
 import { modelManifest } from "../../planner/manifest.ts";
 import { measuredProfiles } from "../../planner/probe-cache.ts";
-import { DEFAULT_MARGIN, plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
+import { activationBytes, DEFAULT_MARGIN, DENOISE_OVERHEAD, plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
 import type { JobParams } from "../schemas.ts";
 
 export interface MachineFacts {
@@ -64,4 +67,29 @@ export function planOn(modelId: string | null, params: JobParams, gpu: DeviceInf
 export function admit(modelId: string | null, params: JobParams, machine: MachineFacts): Plan | null {
   const largest = machine.gpus.reduce<DeviceInfo | undefined>((a, b) => (a === undefined || b.freeBytes > a.freeBytes ? b : a), undefined);
   return planOn(modelId, params, largest, machine.hostRamBytes);
+}
+
+/**
+ * How many jobs of this shape an engine on `gpu` runs as one batch, `limit` at most. A batch runs on
+ * one job's plan; what grows with it is the denoising loop's working set, one job's activations per
+ * job (the planner's `activationBytes` at the plan's tokens and CFG rows, corrected as the plan's
+ * denoise peak is); the text encode and the decode run job by job and do not grow. So the plan has
+ * room for 1 + ⌊(usable VRAM − predicted denoise peak) / one job's activations⌋ jobs. Jobs that are
+ * not planned (a CPU engine, kino's tiny model) take `limit`; a job that does not plan here at all
+ * runs alone (its run reports why).
+ */
+export function batchRoom(modelId: string | null, params: JobParams, gpu: DeviceInfo | undefined, hostRamBytes: number | null, limit: number): number {
+  if (limit <= 1) return 1;
+  let p: Plan | null;
+  try {
+    p = planOn(modelId, params, gpu, hostRamBytes);
+  } catch {
+    return 1;
+  }
+  const model = modelId === null ? undefined : findCatalogModel(modelId);
+  if (p === null || model?.architecture == null) return limit;
+  const rows = p.cfg === "batched" ? 2 : 1;
+  const perJob = (activationBytes(modelManifest(model.id, model.architecture), p.tokens, rows) - DENOISE_OVERHEAD) * (p.corrections.denoise ?? 1);
+  const room = 1 + Math.floor((p.budget.usableVram - p.predicted.phases.denoise.vram) / perJob);
+  return Math.max(1, Math.min(limit, room));
 }

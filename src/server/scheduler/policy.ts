@@ -1,7 +1,7 @@
 /**
  * The scheduler's decisions as pure functions, table-tested without engines: which engine takes a
  * job, whether an out-of-memory error is retried, whether an error means the engine process is gone,
- * and which waiting jobs would share a forward (batching; see `selectBatch`).
+ * which waiting jobs share a forward (batching; see `selectBatch`) and the keep-alive after a batch.
  */
 import type { ErrorCode } from "../../errors.ts";
 
@@ -72,11 +72,32 @@ export function restartBackoffMs(failures: number): number {
 }
 
 /**
- * Batching extension point. The jobs to run as one batched forward with `next`: those waiting that
- * share its model and shape (see `batchKey`) while the plan has room. The engine protocol's
- * `generate` takes one JobSpec, so today this is always `[next]`; when the protocol carries a batch,
- * this picks it and the runner sends it, and nothing else in the scheduler changes.
+ * The jobs to run as one batch with `next` (first in the queue): it, then the waiting jobs that share
+ * its model and shape (`batchKey`), in queue order, `limit` jobs at most. A job of another shape
+ * between them keeps its place in the queue; it runs once an engine is free for it. The caller trims
+ * the batch further to what the engine's plan has room for (admission.ts `batchRoom`).
  */
-export function selectBatch<T extends { readonly batchKey: string }>(next: T, _waiting: readonly T[]): T[] {
-  return [next];
+export function selectBatch<T extends { readonly id: string; readonly batchKey: string }>(next: T, waiting: readonly T[], limit: number): T[] {
+  const batch = [next];
+  for (const job of waiting) {
+    if (batch.length >= limit) break;
+    if (job.id !== next.id && job.batchKey === next.batchKey) batch.push(job);
+  }
+  return batch;
+}
+
+/**
+ * The keep-alive after a batch, from its jobs' (each the request's or the server's): the model stays
+ * as long as the longest asks; one job asking to keep it for good (< 0) keeps it for good.
+ */
+export function batchKeepAlive(keepAlives: readonly number[]): number {
+  return keepAlives.some((ms) => ms < 0) ? -1 : Math.max(...keepAlives);
+}
+
+/**
+ * After a batch ran out of device memory, each of its jobs runs again alone: the batch's extra
+ * activations are the likeliest cause, and a job alone still has its own OOM retry (decideOomRetry).
+ */
+export function batchOomRetryReason(size: number): string {
+  return `out of device memory in a batch of ${size} jobs; running it again alone`;
 }

@@ -1,22 +1,23 @@
 /**
- * Runs one job on one engine slot, from "started" to its terminal event: make the tiny model if
- * needed, plan it for the engine's GPU, load the model unless the engine holds it with that plan,
- * generate into a temporary file in the job's folder, rename it into place, record the artifact and
- * the result. How it ends:
+ * Runs one job, or the jobs of a batch, on one engine slot, from "started" to each job's terminal
+ * event: make the tiny model if needed, plan for the engine's GPU, load the model unless the engine
+ * holds it with that plan, generate into a temporary file in each job's folder, rename it into place,
+ * record the artifact and the result. How each job ends:
  *
  * - completed: the video is at <dataDir>/jobs/<id>/video.mp4;
  * - cancelled: the client asked (the engine stops between steps);
  * - back to queued: the server is shutting down (graceful shutdown requeues, see recovery.ts);
  * - failed: anything else, with the error's code, message and field; an OOM is retried once first,
- *   with a safer plan where the job is planned;
- *   an engine that died (crash, SIGKILL, stall) fails this job and is replaced for the next one.
+ *   with a safer plan where the job is planned (a job that ran out of memory in a batch runs again
+ *   alone first); an engine that died (crash, SIGKILL, stall) fails its jobs and is replaced for the
+ *   next ones.
  */
 import { randomUUID } from "node:crypto";
 import { mkdir, rename, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { KinoError, toKinoError } from "../../errors.ts";
 import type { Logger } from "../../log.ts";
-import type { GenerateResult } from "../../protocol/engine.ts";
+import type { EngineEvent, GenerateResult } from "../../protocol/engine.ts";
 import type { Clock } from "../clock.ts";
 import { jobFile, jobFolder } from "../jobs/files.ts";
 import type { JobJournal } from "../jobs/journal.ts";
@@ -26,7 +27,7 @@ import type { ErrorInfo, JobResult } from "../schemas.ts";
 import { describeDecode, describePlacement, type Plan } from "../../planner/plan.ts";
 import { planOn } from "./admission.ts";
 import { jobSpecFor, modelIdentity, modelSpecFor, sameLoad } from "./model-spec.ts";
-import { decideOomRetry, isEngineFailure } from "./policy.ts";
+import { batchKeepAlive, batchOomRetryReason, decideOomRetry, isEngineFailure } from "./policy.ts";
 import { ProgressTracker } from "./progress.ts";
 import type { EngineSlot } from "./slot.ts";
 import { ensureTinyModel, hasCheckpoint, type MakeTiny } from "./tiny-model.ts";
@@ -50,81 +51,166 @@ export interface RunJobDeps {
   readonly defaultKeepAliveMs: number;
 }
 
+/** A job of a run, with what ends it and where its video is written first. */
+interface Member {
+  readonly job: StoredJob;
+  readonly signal: AbortSignal;
+  readonly partial: string;
+}
+
 /** Runs the job to its end; never rejects (every outcome is recorded on the job). */
-export async function runJob(job: StoredJob, slot: EngineSlot, signal: AbortSignal, deps: RunJobDeps): Promise<void> {
-  const { journal, logger } = deps;
-  const id = job.id;
-  const attempt = job.attempts + 1;
-  const partial = join(jobFolder(deps.dataDir, id), `.video-${attempt}.partial.mp4`);
-  let engineDied = false;
+export function runJob(job: StoredJob, slot: EngineSlot, signal: AbortSignal, deps: RunJobDeps): Promise<void> {
+  return runJobs([job], slot, [signal], deps);
+}
+
+/**
+ * Runs jobs of one shape (equal `batchKey`s) on one engine slot: one alone, several as one batch (one
+ * plan, one load, one denoising loop), each with its own events, video and outcome, recorded as soon
+ * as it ends. Never rejects. The slot is released (or replaced, if its engine died) once all ended.
+ */
+export async function runJobs(jobs: readonly StoredJob[], slot: EngineSlot, signals: readonly AbortSignal[], deps: RunJobDeps): Promise<void> {
+  const members = jobs.map((job, k): Member => ({
+    job,
+    signal: signals[k]!,
+    partial: join(jobFolder(deps.dataDir, job.id), `.video-${job.attempts + 1}.partial.mp4`),
+  }));
+  let outcomes: Promise<GenerateResult>[];
   try {
-    await journal.update(id, { status: "running", startedAt: deps.clock.now(), attempts: attempt }, { type: "started", attempt, engine: slot.index });
-    await slot.ensureAlive();
-    const submission = job.submission;
-    if (submission.model.tiny && submission.model.path !== null && !(await hasCheckpoint(submission.model.path))) {
-      await journal.note(id, { type: "notice", message: `making kino's tiny model in ${submission.model.path} (once; a few seconds)` });
-      await ensureTinyModel(submission.model.path, deps.makeTiny);
+    await start(members, slot, deps);
+    outcomes = members.length === 1 ? [generateWithOomRetry(members[0]!, slot, deps)] : await generateTogether(members, slot, deps);
+  } catch (err) {
+    // Before the jobs went their own ways (the engine, the tiny model, the plan, the load): all end with it.
+    outcomes = members.map(() => Promise.reject(err));
+  }
+  const died = await Promise.all(members.map((m, k) => finish(m, outcomes[k]!, deps)));
+  if (died.some((d) => d)) {
+    void slot.replaceAfterFailure(`it died during job ${jobs.map((j) => j.id).join(", ")}`);
+  } else {
+    slot.release(batchKeepAlive(jobs.map((j) => j.submission.keepAliveMs ?? deps.defaultKeepAliveMs)));
+  }
+}
+
+/** Records the jobs as started, checks the engine, makes the tiny model where needed, makes their folders. */
+async function start(members: readonly Member[], slot: EngineSlot, deps: RunJobDeps): Promise<void> {
+  for (const { job } of members) {
+    const attempt = job.attempts + 1;
+    await deps.journal.update(job.id, { status: "running", startedAt: deps.clock.now(), attempts: attempt }, { type: "started", attempt, engine: slot.index });
+    if (members.length > 1) {
+      const others = members.length - 1;
+      const message = `runs in one batch with ${others} other job${others === 1 ? "" : "s"} of the same model and shape: one denoising loop for all of them`;
+      await deps.journal.note(job.id, { type: "notice", message });
     }
-    await mkdir(jobFolder(deps.dataDir, id), { recursive: true });
-    const result = await generateWithOomRetry(job, slot, partial, signal, deps);
+  }
+  await slot.ensureAlive();
+  const submission = members[0]!.job.submission; // a batch shares its model
+  if (submission.model.tiny && submission.model.path !== null && !(await hasCheckpoint(submission.model.path))) {
+    const message = `making kino's tiny model in ${submission.model.path} (once; a few seconds)`;
+    for (const { job } of members) await deps.journal.note(job.id, { type: "notice", message });
+    await ensureTinyModel(submission.model.path, deps.makeTiny);
+  }
+  for (const { job } of members) await mkdir(jobFolder(deps.dataDir, job.id), { recursive: true });
+}
+
+/** Records how a job ended: its video and result, or its failure; says whether its engine died. */
+async function finish(m: Member, outcome: Promise<GenerateResult>, deps: RunJobDeps): Promise<boolean> {
+  const { journal } = deps;
+  const id = m.job.id;
+  try {
+    const result = await outcome;
     const video = jobFile(deps.dataDir, id, VIDEO_FILE);
-    await rename(partial, video);
+    await rename(m.partial, video);
     const artifact: StoredArtifact = { id: randomUUID(), kind: "video", file: VIDEO_FILE, contentType: "video/mp4", bytes: (await stat(video)).size };
     await journal.update(id, { addArtifact: artifact }, { type: "output", artifact: artifactView(id, artifact) });
     const summary = resultSummary(result);
     await journal.update(id, { status: "completed", finishedAt: deps.clock.now(), result: summary }, { type: "completed", result: summary });
+    return false;
   } catch (err) {
     // Nothing of a job that did not complete is kept (the engine's own temporary files included).
     await rm(jobFolder(deps.dataDir, id), { recursive: true, force: true }).catch(() => {});
     const error = toKinoError(err);
-    engineDied = isEngineFailure(error.code) && !signal.aborted;
-    await settleFailure(id, error, signal, deps).catch((e: unknown) => logger.warn(`job ${id}: could not record how it ended: ${toKinoError(e).message}`));
-  } finally {
-    if (engineDied) {
-      void slot.replaceAfterFailure(`it died during job ${id}`);
-    } else {
-      slot.release(job.submission.keepAliveMs ?? deps.defaultKeepAliveMs);
-    }
+    await settleFailure(id, error, m.signal, deps).catch((e: unknown) => deps.logger.warn(`job ${id}: could not record how it ended: ${toKinoError(e).message}`));
+    return isEngineFailure(error.code) && !m.signal.aborted;
   }
+}
+
+/** Loads the model with the plan unless the engine holds it with that plan already. */
+async function ensureLoaded(members: readonly Member[], slot: EngineSlot, plan: Plan | null, deps: RunJobDeps): Promise<void> {
+  const submission = members[0]!.job.submission;
+  const ids = members.map((m) => m.job.id).join(", ");
+  if (plan !== null) deps.logger.info(`job ${ids}: ${describePlan(plan)}`);
+  const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan);
+  const loaded = slot.loadedSpec;
+  if (loaded === null || !sameLoad(loaded, spec)) {
+    for (const { job } of members) await deps.journal.note(job.id, { type: "model.loading", model: submission.model.name });
+    // A load is not cancellable in the protocol: a cancel during it takes effect right after.
+    await deps.exclusiveLoad(() => slot.load(spec, modelIdentity(submission)));
+  }
+}
+
+/** The job's engine events as its progress events. */
+function progressOf(id: string, deps: RunJobDeps): (event: EngineEvent) => void {
+  const progress = new ProgressTracker();
+  return (event) => {
+    const data = progress.toEvent(event);
+    if (data !== null) void deps.journal.note(id, data).catch(() => {});
+  };
+}
+
+function planFor(submission: StoredJob["submission"], slot: EngineSlot, margin?: number): Plan | null {
+  return planOn(submission.model.name, submission.params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, margin);
 }
 
 /**
  * Plans the job for this engine's GPU (where it is planned), loads the model unless the engine holds
  * it with the same plan, and generates; after an OOM, once more with a safer plan (policy.ts).
  */
-async function generateWithOomRetry(job: StoredJob, slot: EngineSlot, partial: string, signal: AbortSignal, deps: RunJobDeps): Promise<GenerateResult> {
-  const { submission, id } = job;
-  const planFor = (margin?: number) => planOn(submission.model.name, submission.params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, margin);
-  let plan = planFor();
+async function generateWithOomRetry(m: Member, slot: EngineSlot, deps: RunJobDeps): Promise<GenerateResult> {
+  const { submission, id } = m.job;
+  let plan = planFor(submission, slot);
   for (let retries = 0; ; retries++) {
-    if (plan !== null) deps.logger.info(`job ${id}: ${describePlan(plan)}`);
-    const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan);
-    const loaded = slot.loadedSpec;
-    if (loaded === null || !sameLoad(loaded, spec)) {
-      await deps.journal.note(id, { type: "model.loading", model: submission.model.name });
-      // A load is not cancellable in the protocol: a cancel during it takes effect right after.
-      await deps.exclusiveLoad(() => slot.load(spec, modelIdentity(submission)));
-    }
-    throwIfAborted(signal);
-    const progress = new ProgressTracker();
+    await ensureLoaded([m], slot, plan, deps);
+    throwIfAborted(m.signal);
     try {
-      return await slot.generate(jobSpecFor(submission, partial, plan), {
-        signal,
-        onEvent: (event) => {
-          const data = progress.toEvent(event);
-          if (data !== null) void deps.journal.note(id, data).catch(() => {});
-        },
-      });
+      return await slot.generate(jobSpecFor(submission, m.partial, plan), { signal: m.signal, onEvent: progressOf(id, deps) });
     } catch (err) {
       const error = toKinoError(err);
-      if (error.code !== "OOM" || signal.aborted) throw err;
+      if (error.code !== "OOM" || m.signal.aborted) throw err;
       const decision = decideOomRetry(retries, plan !== null);
       deps.logger.warn(`job ${id}: ${decision.reason} (${error.message})`);
       if (!decision.retry) throw err;
       await deps.journal.note(id, { type: "notice", message: decision.reason });
-      if (plan !== null) plan = planFor(decision.margin);
+      if (plan !== null) plan = planFor(submission, slot, decision.margin);
     }
   }
+}
+
+/**
+ * Runs the jobs as one batch: one plan (they share a shape, so a plan), one load, one denoising loop
+ * (EngineSlot.generateBatch); one answer per job, as each ends. A job that ran out of device memory
+ * in the batch runs again alone once the batch is over (one after another), with the OOM policy of a
+ * job alone.
+ */
+async function generateTogether(members: readonly Member[], slot: EngineSlot, deps: RunJobDeps): Promise<Promise<GenerateResult>[]> {
+  const plan = planFor(members[0]!.job.submission, slot);
+  await ensureLoaded(members, slot, plan, deps);
+  const answers = slot.generateBatch(
+    members.map((m) => ({ job: jobSpecFor(m.job.submission, m.partial, plan), signal: m.signal, onEvent: progressOf(m.job.id, deps) })),
+  );
+  let alone: Promise<unknown> = Promise.allSettled(answers);
+  return answers.map((answer, k) =>
+    answer.catch((err: unknown) => {
+      const m = members[k]!;
+      if (toKinoError(err).code !== "OOM" || m.signal.aborted) throw err;
+      const reason = batchOomRetryReason(members.length);
+      const run = alone.then(async () => {
+        deps.logger.warn(`job ${m.job.id}: ${reason} (${toKinoError(err).message})`);
+        await deps.journal.note(m.job.id, { type: "notice", message: reason });
+        return generateWithOomRetry(m, slot, deps);
+      });
+      alone = run.catch(() => {});
+      return run;
+    }),
+  );
 }
 
 function describePlan(p: Plan): string {
@@ -175,6 +261,7 @@ function resultSummary(r: GenerateResult): JobResult {
     timings: r.timings,
     peakVramBytes: r.peakVramBytes,
     peakRamBytes: r.peakRamBytes,
+    batchSize: r.batchSize ?? 1,
   };
 }
 

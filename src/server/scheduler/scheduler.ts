@@ -2,7 +2,9 @@
  * The scheduler, after Ollama's (server/sched.go): one persistent engine per GPU (one in all on a CPU
  * machine), models loaded on demand and kept for a keep-alive, one load at a time, and a bounded
  * queue that answers at once when full. Jobs leave the queue in order, each to the engine that
- * `pickSlot` chooses; `runJob` takes it from there.
+ * `pickSlot` chooses, together with the waiting jobs of its model and shape that the engine's plan
+ * has room for (a batch: one denoising loop for all of them, `--max-batch` at most); `runJobs` takes
+ * them from there.
  *
  * Engines are discovered by starting one: if it sees several GPUs, it is replaced by one engine
  * pinned to each (CUDA_VISIBLE_DEVICES, through the factory's placement); otherwise it stays.
@@ -17,16 +19,18 @@ import { applyRecovery } from "../jobs/recovery.ts";
 import type { SharedQueue, TakeOutcome } from "../jobs/shared-queue.ts";
 import type { StoredJob } from "../jobs/store.ts";
 import type { EngineStatus, Health } from "../schemas.ts";
-import type { MachineFacts } from "./admission.ts";
+import { batchRoom, type MachineFacts } from "./admission.ts";
 import { batchKey, modelIdentity } from "./model-spec.ts";
 import { pickSlot, selectBatch } from "./policy.ts";
-import { runJob, SHUTDOWN, CANCEL, type RunJobDeps } from "./run-job.ts";
+import { runJobs, SHUTDOWN, CANCEL, type RunJobDeps } from "./run-job.ts";
 import { EngineSlot, type SlotEngineFactory } from "./slot.ts";
 
 export interface SchedulerDeps extends Omit<RunJobDeps, "exclusiveLoad"> {
   readonly startEngine: SlotEngineFactory;
   /** Jobs waiting at most (running ones not counted). */
   readonly queueSize: number;
+  /** Jobs of one shape run as one batch at most (as the engine's plan has room); 1: each alone. */
+  readonly maxBatch: number;
   /** @default a LocalJobQueue */
   readonly queue?: JobQueue;
   /** A queue shared with other nodes; submissions wait there. @default none: this node's queue only */
@@ -213,7 +217,7 @@ export class Scheduler {
     });
   }
 
-  /** Starts queued jobs, in order, while an engine is free for the next one. */
+  /** Starts queued jobs, in order, while an engine is free for the next one (with its batch). */
   #dispatch(): void {
     if (this.#closing !== null) return;
     for (let next = this.#queue.peek(); next !== undefined; next = this.#queue.peek()) {
@@ -223,34 +227,42 @@ export class Scheduler {
       );
       const slot = this.#slots.find((s) => s.index === index);
       if (slot === undefined) return;
-      const batch = selectBatch(next, this.#queue.waiting());
+      let batch = selectBatch(next, this.#queue.waiting(), this.#deps.maxBatch);
+      if (batch.length > 1) {
+        const { model, params } = next.submission;
+        batch = batch.slice(0, batchRoom(model.name, params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, batch.length));
+      }
       for (const job of batch) this.#queue.remove(job.id);
-      this.#run(batch[0]!, slot);
+      this.#run(batch, slot);
     }
   }
 
-  #run(entry: QueuedJob, slot: EngineSlot): void {
-    slot.acquire(entry.id);
-    const controller = new AbortController();
+  /** Runs a job, or the jobs of a batch, on the slot; each job can be cancelled on its own. */
+  #run(entries: readonly QueuedJob[], slot: EngineSlot): void {
+    const ids = entries.map((e) => e.id);
+    slot.acquire(ids);
+    const controllers = entries.map(() => new AbortController());
     const done = (async () => {
-      const job = await this.#deps.journal.store.get(entry.id).catch((err: unknown) => {
+      const jobs = await Promise.all(ids.map((id) => this.#deps.journal.store.get(id))).catch((err: unknown) => {
         slot.release(this.#deps.defaultKeepAliveMs);
         throw err;
       });
-      if (job === undefined || job.status !== "queued") {
+      // A job may have left the queued state meanwhile (cancelled, deleted): it does not run.
+      const runnable = jobs.flatMap((job, k) => (job?.status === "queued" ? [{ job, signal: controllers[k]!.signal }] : []));
+      if (runnable.length === 0) {
         slot.release(this.#deps.defaultKeepAliveMs);
         return;
       }
-      // runJob releases the slot itself, however the job ends.
-      await runJob(job, slot, controller.signal, this.#runDeps);
+      // runJobs releases the slot itself, however the jobs end.
+      await runJobs(runnable.map((r) => r.job), slot, runnable.map((r) => r.signal), this.#runDeps);
     })()
-      .catch((err: unknown) => this.#deps.logger.warn(`job ${entry.id}: ${toKinoError(err).message}`))
-      .then(() => this.#giveBack(entry.id))
+      .catch((err: unknown) => this.#deps.logger.warn(`job ${ids.join(", ")}: ${toKinoError(err).message}`))
+      .then(async () => void (await Promise.all(ids.map((id) => this.#giveBack(id)))))
       .finally(() => {
-        this.#running.delete(entry.id);
+        for (const id of ids) this.#running.delete(id);
         this.#dispatch();
       });
-    this.#running.set(entry.id, { controller, done });
+    entries.forEach((e, k) => this.#running.set(e.id, { controller: controllers[k]!, done }));
   }
 
   /** Stops a job if it is here: out of the local queue, or aborted while it runs. */
@@ -318,5 +330,5 @@ export class Scheduler {
 }
 
 function queueEntry(job: StoredJob): QueuedJob {
-  return { id: job.id, identity: modelIdentity(job.submission), batchKey: batchKey(job.submission) };
+  return { id: job.id, identity: modelIdentity(job.submission), batchKey: batchKey(job.submission), submission: job.submission };
 }

@@ -6,7 +6,7 @@
  * The protocol has no `unload`, and `load` replaces the loaded model, so switching models is a load;
  * unloading (keep-alive expiry) replaces the engine process with a fresh one, which frees everything.
  */
-import type { EngineClient } from "../../engine/client.ts";
+import type { BatchJobOptions, EngineClient } from "../../engine/client.ts";
 import { KinoError, toKinoError } from "../../errors.ts";
 import type { Logger } from "../../log.ts";
 import type { DeviceInfo, EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../../protocol/engine.ts";
@@ -44,7 +44,8 @@ export class EngineSlot {
   #engine: EngineClient | null = null;
   #hello: HelloResult | null = null;
   #loaded: { readonly identity: string; readonly spec: ModelSpec } | null = null;
-  #jobId: string | null = null;
+  /** The jobs it runs: one, or the jobs of a batch. */
+  #jobIds: readonly string[] = [];
   #weightBytes: number | null = null;
   #peakBytes: number | null = null;
   #expiresAt: number | null = null;
@@ -97,7 +98,8 @@ export class EngineSlot {
       device:
         this.#hello === null ? null : gpu === undefined ? { kind: "cpu", name: "cpu", totalBytes: null } : { kind: "cuda", name: gpu.name, totalBytes: gpu.totalBytes },
       model: this.#loaded?.spec.name ?? null,
-      jobId: this.#jobId,
+      jobId: this.#jobIds[0] ?? null,
+      jobIds: [...this.#jobIds],
       vramBytes: this.#loaded === null ? null : this.#weightBytes,
       lastJobPeakVramBytes: this.#peakBytes,
       keepAliveExpiresAt: this.#expiresAt === null ? null : new Date(this.#expiresAt).toISOString(),
@@ -118,11 +120,11 @@ export class EngineSlot {
     return this.#starting;
   }
 
-  /** Takes the slot for a job: nothing else is placed on it and its keep-alive stops. */
-  acquire(jobId: string): void {
+  /** Takes the slot for a job, or the jobs of a batch: nothing else is placed on it and its keep-alive stops. */
+  acquire(jobIds: readonly string[]): void {
     if (this.#life !== "up" || this.#activity !== "idle") throw new KinoError("INTERNAL", `engine ${this.index} is not free (${this.state})`);
     this.#activity = "busy";
-    this.#jobId = jobId;
+    this.#jobIds = jobIds;
     this.#clearTimer();
     this.#expiresAt = null;
   }
@@ -186,12 +188,28 @@ export class EngineSlot {
     return result;
   }
 
+  /** Jobs of one shape as one batch (EngineClient.generateBatch): one answer per job, as each ends. */
+  generateBatch(jobs: readonly BatchJobOptions[]): Promise<GenerateResult>[] {
+    let answers: Promise<GenerateResult>[];
+    try {
+      answers = this.#running().generateBatch(jobs);
+    } catch (err) {
+      return jobs.map(() => Promise.reject(err));
+    }
+    return answers.map((answer) =>
+      answer.then((result) => {
+        this.#peakBytes = result.peakVramBytes;
+        return result;
+      }),
+    );
+  }
+
   /**
    * Frees the slot after a job and arms the model's keep-alive: > 0 ms unloads after that long idle,
    * 0 unloads now, < 0 never.
    */
   release(keepAliveMs: number): void {
-    this.#jobId = null;
+    this.#jobIds = [];
     this.#activity = "idle";
     if (this.#life === "up" && this.#loaded !== null) {
       if (keepAliveMs === 0) {
@@ -279,7 +297,7 @@ export class EngineSlot {
     this.#peakBytes = null;
     if (!keepActivity) {
       this.#activity = "idle";
-      this.#jobId = null;
+      this.#jobIds = [];
     }
     this.#life = "starting";
     await old?.close().catch(() => {});
