@@ -65,6 +65,7 @@ describe("bin/kino probe on the CPU engine", { timeout: 180_000 }, () => {
     assert.match(run.stdout, /no GPU: the host alone/);
     assert.match(run.stdout, /CPU GEMM\s+256x2048x2048 bfloat16 [0-9.]+ TFLOP\/s/);
     assert.match(run.stdout, /pinned cap\s+[0-9.]+ GiB \(half of the RAM; RLIMIT_MEMLOCK/);
+    assert.match(run.stdout, /disk read\s+([0-9.]+ GB\/s sequential, past the page cache|— \(the temporary folder is RAM-backed)/);
     assert.match(run.stdout, /from the cache/);
   });
 
@@ -78,7 +79,7 @@ describe("bin/kino probe on the CPU engine", { timeout: 180_000 }, () => {
 
 describe("kino probe and plan --gpu probe on an engine with a GPU (FakeEngine)", () => {
   // A 4090-like card behind a slow 8 GB/s link.
-  const measured = probeLike(RTX4090_24GB, { name: "NVIDIA GeForce RTX 4090", h2dBytesPerS: 8e9, d2hBytesPerS: 8e9, h2dPageableBytesPerS: 2.7e9 });
+  const measured = probeLike(RTX4090_24GB, { name: "NVIDIA GeForce RTX 4090", h2dBytesPerS: 8e9, d2hBytesPerS: 8e9, h2dPageableBytesPerS: 2.7e9, diskReadBytesPerS: 1.8e9 });
   const device = { index: 0, name: measured.name, totalBytes: measured.vramTotalBytes!, freeBytes: measured.vramFreeBytes!, capability: "8.9" };
   const engine = () => new FakeEngine({ devices: [device], probe: measured });
   // The probe cache under the test's home, never the user's.
@@ -93,7 +94,8 @@ describe("kino probe and plan --gpu probe on an engine with a GPU (FakeEngine)",
       assert.match(run.stdout, /copies\s+H2D 8\.0 GB\/s pinned, 2\.7 GB\/s pageable; D2H 8\.0 GB\/s \(1\.0 GiB each\)/);
       assert.match(run.stdout, /GEMM bf16\s+32760x1536x1536 165 TFLOP\/s; 32760x5120x5120 165 TFLOP\/s/);
       assert.match(run.stdout, /attention\s+12x32760x128 cudnn 150 TFLOP\/s \(flash —, efficient 75 TFLOP\/s\)/);
-      assert.match(run.stdout, /planner: GEMM 165 TFLOP\/s, attention 150 TFLOP\/s .*H2D 8\.0 GB\/s/);
+      assert.match(run.stdout, /disk read\s+1\.8 GB\/s sequential/);
+      assert.match(run.stdout, /planner: GEMM 165 TFLOP\/s, attention 150 TFLOP\/s .*H2D 8\.0 GB\/s, pinned ≤ [0-9.]+ GiB, disk 1\.8 GB\/s/);
       assert.match(run.stdout, new RegExp(`cache: ${join(dir, "cache", "probe")}/nvidia-geforce-rtx-4090-[0-9a-f]{12}\\.json`));
       const again = await runKino(["probe", "--json"], options(dir));
       assert.equal(JSON.parse(again.stdout).cached, true, "the second run reads the cache");

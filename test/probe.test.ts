@@ -13,10 +13,10 @@ import type { EngineClient, ProbeOptions } from "../src/engine/client.ts";
 import { FakeEngine } from "../src/engine/fake.ts";
 import { SubprocessEngine } from "../src/engine/subprocess.ts";
 import type { Logger } from "../src/log.ts";
-import { GiB, H100_80GB, RTX4090_24GB } from "../src/planner/hardware.ts";
+import { DEFAULT_DISK_READ, GiB, H100_80GB, RTX4090_24GB } from "../src/planner/hardware.ts";
 import { modelManifest } from "../src/planner/manifest.ts";
 import { plan, type PlanRequest } from "../src/planner/plan.ts";
-import { hardwareFromProbe, MeasuredProfiles, measuredProfiles, PROBE_MAX_AGE_MS, ProbeCache, probeCached, probeKey, rateAt } from "../src/planner/probe-cache.ts";
+import { hardwareFromProbe, MeasuredProfiles, measuredProfiles, PROBE_MAX_AGE_MS, ProbeCache, probeCached, probeKey, rateAt, withMeasuredRates } from "../src/planner/probe-cache.ts";
 import { ProbeResult, type DeviceInfo, type HelloResult } from "../src/protocol/engine.ts";
 import { hardwareFor } from "../src/server/scheduler/admission.ts";
 import { rejectsWith } from "./engine-conformance.ts";
@@ -170,6 +170,18 @@ describe("hardwareFromProbe", () => {
     const hw = hardwareFromProbe(probeLike(H100_80GB, { memoryLimitBytes: 64 * GiB, pinnedLimitBytes: 32 * GiB }));
     assert.equal(hw.hostRam, 64 * GiB);
     assert.equal(hw.pinnedLimit, 32 * GiB);
+  });
+
+  test("the disk's read rate: measured where the probe could, else the assumed rate; a plan reading from disk follows it", () => {
+    assert.equal(hardwareFromProbe(probeLike(H100_80GB, { diskReadBytesPerS: 1.2e9 })).diskRead, 1.2e9);
+    assert.equal(hardwareFromProbe(probeLike(H100_80GB, { diskReadBytesPerS: null })).diskRead, DEFAULT_DISK_READ, "a RAM-backed folder measures nothing");
+    assert.equal(hardwareFromProbe(probeLike(H100_80GB)).diskRead, DEFAULT_DISK_READ, "an engine or a cached probe from before the field");
+    const reported = { ...H100_80GB, diskRead: 4e9 };
+    assert.equal(withMeasuredRates(reported, probeLike(H100_80GB, { diskReadBytesPerS: null })).diskRead, 4e9);
+    assert.equal(withMeasuredRates(reported, probeLike(H100_80GB, { diskReadBytesPerS: 1e9 })).diskRead, 1e9);
+    const short: PlanRequest = { width: 256, height: 256, frames: 5, steps: 8, guidance: 5 };
+    const onDisk = (rate: number) => plan(M14, hardwareFromProbe(probeLike(RTX4090_24GB, { diskReadBytesPerS: rate }), { modelWidth: 5120 }), short, { ram: 8 * GiB });
+    assert.ok(onDisk(1e9).predicted.secondsPerStep > 2 * onDisk(3e9).predicted.secondsPerStep, "a short clip read from disk is paced by the disk");
   });
 
   test("a measurement of the host alone is refused: DEVICE_UNAVAILABLE on --gpu", async () => {

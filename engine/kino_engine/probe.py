@@ -13,7 +13,10 @@ engine's current CUDA device, or for the host alone where there is none (GPU fie
 - exact self-attention (SDPA) at 12 and 40 heads × 32760 tokens × 128, with each GPU backend that
   runtime/attention.py's `auto` chooses from; the fastest is kept;
 - the host CPU's GEMM at a text-encoder shape (512 tokens × 4096), bf16 as a CPU-placed encoder runs
-  (float32 where bf16 cannot run).
+  (float32 where bf16 cannot run);
+- the disk: sequential positional reads (as the disk tier reads blocks, runtime/weight_files.py) of a
+  file written in the temporary folder, synced and dropped from the page cache first, so the rate is
+  the disk's and not memory's; null where that folder is RAM-backed (tmpfs) or has no room.
 
 How: CUDA events around each sample (perf_counter on the host), warm-up calls first, the median of
 the samples; a sample repeats a call shorter than 5 ms (a 1536-wide GEMM takes about 0.5 ms on an
@@ -30,10 +33,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +51,7 @@ import torch.nn.functional as F
 
 from .protocol import log_event
 from .runtime.attention import AUTO_CANDIDATES, BACKENDS, AttentionBackend
+from .runtime.disk import RAM_FILESYSTEMS, filesystem_type
 from .runtime.placement import HostBuffer
 from .system import driver_version
 
@@ -75,6 +82,8 @@ class ProbeSizes:
     repeats: int
     #: Seconds a measurement may spend on its repeats before it stops at MIN_REPEATS or more.
     budget_s: float
+    #: Bytes of the file whose sequential read is timed (less where the disk has less room).
+    disk_bytes: int = 256 * MiB
 
 
 WAN_TOKENS = 32760  # 832×480×81: 21 latent frames × 30 × 52 patches
@@ -85,6 +94,7 @@ FULL = ProbeSizes(
     cpu_gemm=(512, 4096, 4096),
     repeats=10,
     budget_s=1.5,
+    disk_bytes=1024 * MiB,
 )
 QUICK = ProbeSizes(
     transfer_bytes=256 * MiB,
@@ -276,6 +286,42 @@ def transfer_measures(nbytes: int, device: torch.device, sizes: ProbeSizes) -> d
     return {"h2dBytesPerS": nbytes / h2d, "d2hBytesPerS": nbytes / d2h, "h2dPageableBytesPerS": nbytes / h2d_pageable}
 
 
+#: Bytes written or read per call when the disk is measured.
+DISK_CHUNK = 16 * MiB
+
+
+def disk_read_measure(folder: str, nbytes: int) -> float | None:
+    """Bytes/s of one sequential read of an `nbytes` file written in `folder`: synced, then dropped from
+    the page cache (POSIX_FADV_DONTNEED), so the bytes come from the disk. Random bytes, so a compressing
+    filesystem cannot shortcut it. None for a RAM-backed folder or one with less than 4× the room."""
+    if filesystem_type(folder) in RAM_FILESYSTEMS:
+        return None
+    nbytes = min(nbytes, shutil.disk_usage(folder).free // 4) // DISK_CHUNK * DISK_CHUNK
+    if nbytes == 0:
+        return None
+    fd, path = tempfile.mkstemp(prefix="kino-probe-", suffix=".bin", dir=folder)
+    try:
+        chunk = os.urandom(DISK_CHUNK)
+        with os.fdopen(fd, "wb") as f:
+            for _ in range(nbytes // DISK_CHUNK):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        reader = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(reader, 0, 0, os.POSIX_FADV_DONTNEED)
+            into = memoryview(bytearray(DISK_CHUNK))
+            started = time.perf_counter()
+            for offset in range(0, nbytes, DISK_CHUNK):
+                os.preadv(reader, [into], offset)
+            seconds = time.perf_counter() - started
+        finally:
+            os.close(reader)
+    finally:
+        os.unlink(path)
+    return nbytes / seconds
+
+
 def measure(quick: bool = False, emit: Emit | None = None) -> dict[str, Any]:
     """The ProbeResult of this machine: its current CUDA device, or the host alone without one."""
     started = time.perf_counter()
@@ -315,6 +361,9 @@ def measure(quick: bool = False, emit: Emit | None = None) -> dict[str, Any]:
     result["cpuGemm"] = cpu_gemm_measure(sizes)
     note(f"CPU GEMM {result['cpuGemm']['flopsPerS'] / 1e12:.2f} TFLOP/s ({result['cpuGemm']['dtype']})")
     result["cpuThreads"] = torch.get_num_threads()
+    result["diskReadBytesPerS"] = disk_read_measure(tempfile.gettempdir(), sizes.disk_bytes)
+    disk = result["diskReadBytesPerS"]
+    note(f"disk read {disk / 1e9:.2f} GB/s" if disk is not None else "disk read not measured (a RAM-backed temporary folder)")
     result["quick"] = quick
     result["ms"] = (time.perf_counter() - started) * 1000.0
     return result

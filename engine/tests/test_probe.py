@@ -4,9 +4,12 @@ answers (GPU fields null), valid under the checked-in schema; the GPU tests run 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from worker_client import WorkerProcess
 from kino_engine import probe
 from kino_engine.protocol import EngineFailure, ProbeRequest, parse_request
 from kino_engine.runtime.attention import BACKENDS, AttentionBackend
+from kino_engine.runtime.disk import RAM_FILESYSTEMS, filesystem_type
 
 GPU_FIELDS = ("index", "capability", "vramTotalBytes", "vramFreeBytes", "h2dBytesPerS", "d2hBytesPerS", "h2dPageableBytesPerS", "transferBytes")
 
@@ -60,6 +64,23 @@ def test_the_gpu_fields_match_the_machine(quick: dict) -> None:
         assert quick[name] > 1e8, f"{name} = {quick[name]}: a copy slower than 0.1 GB/s is a timing bug"
     for a in quick["attention"]:
         assert a["byBackend"][a["backend"]] == max(r for r in a["byBackend"].values() if r is not None), "the fastest is kept"
+
+
+def test_the_disk_read_comes_from_the_disk(tmp_path, quick: dict) -> None:
+    """The read of a file written, synced and dropped from the page cache (what the disk tier streams at);
+    nothing left behind; no rate for a folder whose files live in RAM."""
+    disk = quick["diskReadBytesPerS"]
+    assert disk is None or disk > 1e7, f"a disk read of {disk} bytes/s is a timing bug"
+    assert (disk is None) == (filesystem_type(tempfile.gettempdir()) in RAM_FILESYSTEMS)
+    rate = probe.disk_read_measure(str(tmp_path), 64 * probe.MiB)
+    assert rate is not None and rate > 1e7
+    assert list(tmp_path.iterdir()) == [], "the probe's file must be removed"
+    ram_backed = [m.split()[1] for m in Path("/proc/self/mounts").read_text().splitlines() if m.split()[2] == "tmpfs"]
+    for folder in ram_backed:
+        if os.access(folder, os.W_OK):
+            assert filesystem_type(folder) == "tmpfs"
+            assert probe.disk_read_measure(folder, 64 * probe.MiB) is None, f"{folder} is RAM: there is no disk to time"
+            break
 
 
 def test_pinned_limit_is_half_the_ram_or_of_a_lower_cgroup_limit() -> None:

@@ -50,11 +50,14 @@ export function probeTable(report: ProbeReport): string {
     rows.push([r.attention.indexOf(a) === 0 ? "attention" : "", `${a.heads}x${a.tokens}x${a.headDim} ${a.backend} ${tflops(a.flopsPerS)}${others.length > 0 ? ` (${others.join(", ")})` : ""}`]);
   }
   rows.push(["CPU GEMM", `${shape(r.cpuGemm)} ${r.cpuGemm.dtype} ${tflops(r.cpuGemm.flopsPerS)} (${r.cpuThreads} threads)`]);
+  if (r.diskReadBytesPerS !== undefined) {
+    rows.push(["disk read", r.diskReadBytesPerS === null ? "— (the temporary folder is RAM-backed; the planner assumes its default)" : `${rate(r.diskReadBytesPerS)} sequential, past the page cache`]);
+  }
   const p = report.profile;
   const planner = p === null
     ? "planner: nothing to plan on without a GPU (kino plan --gpu probe needs one)\n"
     : `planner: GEMM ${tflops(p.gemmFlops)}, attention ${tflops(p.attentionFlops)} (medians; kino plan takes the model's width), ` +
-      `H2D ${rate(p.h2d)}, pinned ≤ ${bytes(p.pinnedLimit)}: kino plan --gpu probe\n`;
+      `H2D ${rate(p.h2d)}, pinned ≤ ${bytes(p.pinnedLimit)}, disk ${rate(p.diskRead)}: kino plan --gpu probe\n`;
   return [
     `${r.name} (${where}; torch ${r.torch}) — ${when}${r.quick ? " (quick)" : ""}\n`,
     ...rows.map(([k, v]) => `  ${k.padEnd(11)} ${v}\n`),

@@ -23,11 +23,19 @@ export interface HardwareProfile {
   readonly attentionFlops: number;
   /** The host CPU's bf16 GEMM rate, FLOP/s: what a text encoder placed on the CPU runs at. */
   readonly cpuFlops: number;
+  /** Sequential read rate of the disk holding the weights, bytes/s: what blocks streamed from disk arrive at. */
+  readonly diskRead: number;
 }
 
 /**
+ * The disk read rate a profile assumes until a probe measures it: a conservative NVMe figure (PCIe 4 drives read
+ * 3–7 GB/s sequentially at best; buffered reads through the page cache and a disk shared with other work get less).
+ */
+export const DEFAULT_DISK_READ = 2.5e9;
+
+/**
  * An H100 SXM 80 GB on PCIe 5: the rates kino's floor measured (766 / 605 TFLOP/s, docs/benchmarks.md),
- * rounded; 55 GB/s pinned H2D.
+ * rounded; 55 GB/s pinned H2D; the disk rate assumed (DEFAULT_DISK_READ).
  */
 export const H100_80GB: HardwareProfile = Object.freeze({
   name: "h100-80gb",
@@ -40,9 +48,10 @@ export const H100_80GB: HardwareProfile = Object.freeze({
   gemmFlops: 770e12,
   attentionFlops: 600e12,
   cpuFlops: 2e12,
+  diskRead: DEFAULT_DISK_READ,
 });
 
-/** A desktop RTX 4090 24 GB on PCIe 4 (25 GB/s pinned), 165 TFLOP/s dense bf16 GEMM, 150 attention. */
+/** A desktop RTX 4090 24 GB on PCIe 4 (25 GB/s pinned), 165 TFLOP/s dense bf16 GEMM, 150 attention; the disk rate assumed. */
 export const RTX4090_24GB: HardwareProfile = Object.freeze({
   name: "rtx4090-24gb",
   vramTotal: 23.6 * GiB,
@@ -54,6 +63,7 @@ export const RTX4090_24GB: HardwareProfile = Object.freeze({
   gemmFlops: 165e12,
   attentionFlops: 150e12,
   cpuFlops: 1e12,
+  diskRead: DEFAULT_DISK_READ,
 });
 
 export const HARDWARE_PRESETS: readonly HardwareProfile[] = [H100_80GB, RTX4090_24GB];

@@ -18,7 +18,7 @@ import type { EngineClient } from "../engine/client.ts";
 import { KinoError } from "../errors.ts";
 import { silentLogger, type Logger } from "../log.ts";
 import { ProbeResult, type HelloResult } from "../protocol/engine.ts";
-import type { HardwareProfile } from "./hardware.ts";
+import { DEFAULT_DISK_READ, type HardwareProfile } from "./hardware.ts";
 
 /** How long a measurement stands. @default 30 days */
 export const PROBE_MAX_AGE_MS = 30 * 24 * 3600 * 1000;
@@ -152,7 +152,8 @@ export async function probeCached(engine: EngineClient, hello: HelloResult, cach
 /**
  * The planner's profile of a probed GPU. Where the model's width is given, the GEMM and attention
  * rates are those measured at the nearest width (a narrow model's products run further from the
- * peak); otherwise the median of the shapes measured. Host RAM is the cgroup's limit where lower.
+ * peak); otherwise the median of the shapes measured. Host RAM is the cgroup's limit where lower; the
+ * disk rate is the measured one where the probe could measure it, else DEFAULT_DISK_READ.
  * @throws KinoError DEVICE_UNAVAILABLE for a measurement of the host alone (no GPU to plan for).
  */
 export function hardwareFromProbe(result: ProbeResult, options: { modelWidth?: number } = {}): HardwareProfile {
@@ -172,6 +173,7 @@ export function hardwareFromProbe(result: ProbeResult, options: { modelWidth?: n
     gemmFlops: rateAt(result.gemm.map((g) => ({ width: g.n, rate: g.flopsPerS })), width),
     attentionFlops: rateAt(result.attention.map((a) => ({ width: a.heads * a.headDim, rate: a.flopsPerS })), width),
     cpuFlops: result.cpuGemm.flopsPerS,
+    diskRead: result.diskReadBytesPerS ?? DEFAULT_DISK_READ,
   });
 }
 
@@ -181,7 +183,8 @@ export function hardwareFromProbe(result: ProbeResult, options: { modelWidth?: n
  */
 export function withMeasuredRates(reported: HardwareProfile, result: ProbeResult, modelWidth?: number): HardwareProfile {
   const m = hardwareFromProbe(result, { modelWidth });
-  return { ...reported, pinnedLimit: m.pinnedLimit, h2d: m.h2d, d2h: m.d2h, gemmFlops: m.gemmFlops, attentionFlops: m.attentionFlops, cpuFlops: m.cpuFlops };
+  const diskRead = result.diskReadBytesPerS ?? reported.diskRead; // a probe that could not measure the disk keeps the assumed rate
+  return { ...reported, pinnedLimit: m.pinnedLimit, h2d: m.h2d, d2h: m.d2h, gemmFlops: m.gemmFlops, attentionFlops: m.attentionFlops, cpuFlops: m.cpuFlops, diskRead };
 }
 
 /** The rate measured at the width nearest `width` (the wider on a tie), or the median without one. */
