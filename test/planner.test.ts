@@ -4,7 +4,7 @@
  * `kino plan`. No GPU, no weights, no engine.
  */
 import assert from "node:assert/strict";
-import { mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, readFileSync, truncateSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { after, describe, test } from "node:test";
@@ -12,8 +12,9 @@ import { planModel } from "../src/api/plan.ts";
 import { WAN21_T2V_14B, WAN21_T2V_1_3B } from "../src/catalog/wan21.ts";
 import { KinoError } from "../src/errors.ts";
 import { GiB, H100_80GB, RTX4090_24GB, type HardwareProfile } from "../src/planner/hardware.ts";
-import { modelManifest, withWeights, type ModelManifest } from "../src/planner/manifest.ts";
-import { plan, predict, smallestVramBudget, type Plan, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
+import { memorySpecOf } from "../src/planner/execute.ts";
+import { modelManifest, withWeightFiles, withWeights, type ModelManifest } from "../src/planner/manifest.ts";
+import { plan, predict, smallestVramBudget, type Placement, type Plan, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
 import type { MemoryBenchReport } from "../src/api/memory-bench.ts";
 import { runKino } from "./fixtures/cli.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
@@ -359,6 +360,174 @@ describe("precision: the transformer's linears as one more dimension", () => {
       const bad = await runKino(["plan", "--precision", "fp4"], { home });
       assert.equal(bad.code, 2);
       assert.match(bad.stderr, /precision.*fp8/);
+    } finally {
+      removeDir(home);
+    }
+  });
+});
+
+describe("host RAM below the weights: the transformer streams from disk", () => {
+  interface RamScenario {
+    readonly what: string;
+    readonly m: ModelManifest;
+    readonly hw: HardwareProfile;
+    readonly r: PlanRequest;
+    readonly vram?: number;
+    /** Whether some RAM budget streams the transformer from disk. */
+    readonly disk: boolean;
+  }
+  const rows: readonly RamScenario[] = [
+    { what: "14B 480p on 4090", m: M14, hw: RTX4090_24GB, r: R480, disk: true },
+    { what: "14B short clip on 4090", m: M14, hw: RTX4090_24GB, r: SHORT, disk: true },
+    { what: "14B 720p on H100 under 24 GB", m: M14, hw: H100_80GB, r: R720, vram: 24 * GiB, disk: true },
+    // Under 8 GB the text encoder (10.6 GiB) must live on the host: below that RAM nothing fits, disk or not.
+    { what: "1.3B 480p on 4090 under 8 GB", m: M13, hw: RTX4090_24GB, r: R480, vram: 8 * GiB, disk: false },
+    // The H100 keeps the 14B resident: no RAM budget moves it to the host, let alone the disk.
+    { what: "14B 480p on H100", m: M14, hw: H100_80GB, r: R480, disk: false },
+  ];
+  const streamedFrom = (p: Plan, source: "ram" | "disk"): Placement => {
+    const t = p.placement.transformer;
+    assert.ok(t.kind === "streamed");
+    return { ...t, source };
+  };
+  const fromDisk = (p: Plan) => p.placement.transformer.kind === "streamed" && p.placement.transformer.source === "disk";
+  const attempt = (s: RamScenario, ram: number): Plan | null => {
+    try {
+      return plan(s.m, s.hw, s.r, { vram: s.vram, ram });
+    } catch (err) {
+      if (err instanceof KinoError && err.code === "INFEASIBLE") return null;
+      throw err;
+    }
+  };
+
+  for (const s of rows) {
+    test(`${s.what}: a smaller RAM budget never holds more host bytes nor plans faster; disk only where RAM cannot hold the blocks`, () => {
+      let previous: Plan | null = null;
+      let disk = 0;
+      // Every GiB up to 32 GiB, every 8 GiB above (to the machine's RAM), largest first.
+      const grid: number[] = [];
+      for (let g = Math.floor(s.hw.hostRam / GiB); g >= 2; g -= g > 32 ? 8 : 1) grid.push(g);
+      for (const g of grid) {
+        const ram = g * GiB;
+        const p = attempt(s, ram);
+        if (p === null) {
+          previous = null;
+          continue;
+        }
+        const where = `${s.what} at --ram ${g}GB`;
+        assert.ok(p.predicted.peakRam <= ram, `${where}: host RAM ${p.predicted.peakRam / GiB} GiB over the budget`);
+        assert.ok(p.predicted.peakVram <= p.budget.usableVram + 1, `${where}: peak VRAM over the usable budget`);
+        assert.ok(p.pinnedBytes <= s.hw.pinnedLimit, `${where}: pinned memory over the limit`);
+        if (previous !== null) {
+          assert.ok(p.predicted.peakRam <= previous.predicted.peakRam, `${where}: holds more host bytes than at a larger budget`);
+          assert.ok(p.predicted.seconds >= previous.predicted.seconds - 1e-9, `${where}: faster than at a larger budget`);
+        }
+        if (fromDisk(p)) {
+          disk++;
+          // The same placement with its blocks in pinned RAM would not fit (the RAM, or what may be pinned of it): disk
+          // is chosen only where RAM forces it.
+          const inRam = predict(s.m, s.hw, s.r, { ...p.placement, transformer: streamedFrom(p, "ram"), cfg: p.cfg, vaeDecode: p.vaeDecode });
+          assert.ok(inRam.peakRam > ram || inRam.pinnedBytes > s.hw.pinnedLimit, `${where}: chose disk though the blocks fit in RAM`);
+          assert.ok(p.reasons.some((l) => /^from disk: the streamed blocks/.test(l)), p.reasons.join("\n"));
+        }
+        previous = p;
+      }
+      assert.ok(!fromDisk(plan(s.m, s.hw, s.r, { vram: s.vram })), `${s.what}: the machine's own RAM needs no disk`);
+      assert.equal(disk > 0, s.disk, `${s.what}: ${disk} RAM budgets planned from disk`);
+    });
+  }
+
+  test("from disk is never faster than from RAM, and slower where the copies are not hidden", () => {
+    for (const s of rows) {
+      const p = plan(s.m, s.hw, s.r, { vram: s.vram ?? 16 * GiB, memoryLevel: 3 });
+      const t = p.placement.transformer;
+      assert.ok(t.kind === "streamed");
+      const as = (source: "ram" | "disk") => predict(s.m, s.hw, s.r, { ...p.placement, transformer: streamedFrom(p, source), cfg: p.cfg, vaeDecode: p.vaeDecode });
+      assert.ok(as("disk").seconds >= as("ram").seconds, `${s.what}: disk predicted faster than RAM`);
+      const streamed = s.m.transformer.shape.layers - t.residentBlocks;
+      assert.equal(as("ram").peakRam - as("disk").peakRam, (streamed - Math.min(2, streamed)) * s.m.transformer.blockBytes, "disk holds two staging buffers");
+      assert.equal(as("disk").peakVram, as("ram").peakVram, "the device holds the same slots either way");
+    }
+    // A short clip on PCIe 4: 0.7 GiB blocks at 2.5 GB/s take 0.29 s against 0.03 s over the bus.
+    const short = plan(M14, RTX4090_24GB, SHORT, { ram: 8 * GiB });
+    const ample = plan(M14, RTX4090_24GB, SHORT);
+    assert.ok(fromDisk(short) && short.predicted.secondsPerStep > 3 * ample.predicted.secondsPerStep, `${short.predicted.secondsPerStep} vs ${ample.predicted.secondsPerStep}`);
+    assert.ok(short.reasons.some((l) => /^streaming from disk: .*the copy dominates/.test(l)), short.reasons.join("\n"));
+  });
+
+  test("the files' bytes set the read: a float32 checkpoint reads twice the bf16 block", async () => {
+    const bf16 = plan(M14, RTX4090_24GB, SHORT, { ram: 8 * GiB });
+    const fp32 = plan(withWeightFiles(M14, 2 * M14.transformer.blockBytes), RTX4090_24GB, SHORT, { ram: 8 * GiB });
+    assert.deepEqual(fp32.placement, bf16.placement);
+    within(fp32.predicted.secondsPerStep / bf16.predicted.secondsPerStep, 2, 0.1, "a transfer-bound step at twice the bytes");
+    // A checkpoint folder's headers say it: block 0 in float32 (a sparse file: the header is all that is read).
+    const root = tempDir("kino-plan-fp32-");
+    try {
+      for (const [component, config] of [["transformer", WAN21_T2V_14B.transformer], ["text_encoder", WAN21_T2V_14B.textEncoder]] as const) {
+        mkdirSync(join(root, component), { recursive: true });
+        writeFileSync(join(root, component, "config.json"), JSON.stringify(config));
+      }
+      const n = M14.transformer.blockParams;
+      const header = Buffer.from(JSON.stringify({ "blocks.0.weight": { dtype: "F32", shape: [n], data_offsets: [0, 4 * n] } }).padEnd(64));
+      const file = join(root, "transformer", "diffusion_pytorch_model.safetensors");
+      const size = Buffer.alloc(8);
+      size.writeBigUInt64LE(BigInt(header.length));
+      writeFileSync(file, Buffer.concat([size, header]));
+      truncateSync(file, 8 + header.length + 4 * n);
+      const home = tempDir("kino-plan-fp32-home-");
+      try {
+        const r = await runKino(["plan", "--model", root, "--gpu", "rtx4090-24gb", "--ram", "8GB", "--size", "256x256", "--frames", "5", "--steps", "8", "--json"], { home });
+        assert.equal(r.code, 0, r.stderr);
+        const p = (JSON.parse(r.stdout) as { plan: Plan }).plan;
+        assert.equal(p.predicted.secondsPerStep, fp32.predicted.secondsPerStep);
+        assert.ok(p.reasons.some((l) => l.includes(`a block reads ${((2 * M14.transformer.blockBytes) / GiB).toFixed(1)} GiB`)), p.reasons.join("\n"));
+      } finally {
+        removeDir(home);
+      }
+    } finally {
+      removeDir(root);
+    }
+  });
+
+  test("a RAM budget below every plan names the smallest --ram that works", () => {
+    let error: KinoError | undefined;
+    try {
+      plan(M14, RTX4090_24GB, R480, { ram: 3.5 * GiB });
+    } catch (err) {
+      error = err as KinoError;
+    }
+    // All resident fits 3.5 GB of RAM but not the card: the message leads with the RAM that makes room on it.
+    assert.ok(error instanceof KinoError && error.code === "INFEASIBLE" && error.field === "ram", String(error));
+    assert.match(error.message, /at this RAM it needs --vram \d+\.\dGB \(more than the rtx4090-24gb's/);
+    const named = /smallest budget that works is --ram (\d+\.\d)GB/.exec(error.message);
+    assert.ok(named !== null, error.message);
+    const p = plan(M14, RTX4090_24GB, R480, { ram: Number(named[1]) * GiB });
+    assert.ok(fromDisk(p), "the named budget plans from disk");
+    assert.throws(() => plan(M14, RTX4090_24GB, R480, { ram: (Number(named[1]) - 0.2) * GiB }), /INFEASIBLE|does not fit/);
+  });
+
+  test("low-bit weights do not stream from disk (the engine streams the checkpoint's exact tensors)", () => {
+    for (const weights of ["fp8", "int8", "auto"] as const) {
+      try {
+        const p = plan(M14, RTX4090_24GB, R480, { ram: 8 * GiB, weights });
+        assert.ok(!fromDisk(p) || p.weights === "exact", `${weights}: ${p.weights} from disk`);
+      } catch (err) {
+        assert.ok(err instanceof KinoError && err.code === "INFEASIBLE", String(err));
+      }
+    }
+  });
+
+  test("kino plan --ram 8GB: the 14B on a 24 GB card streams from disk instead of INFEASIBLE", async () => {
+    const home = tempDir("kino-plan-disk-");
+    try {
+      const r = await runKino(["plan", "--model", "wan2.1-t2v-14b", "--gpu", "rtx4090-24gb", "--ram", "8GB"], { home });
+      assert.equal(r.code, 0, r.stderr);
+      assert.match(r.stdout, /^transformer +26\.6 GiB +block-streamed from disk \(\d+\/40 blocks resident, prefetch 1\)$/m);
+      assert.match(r.stdout, /^ {2}- from disk: the streamed blocks/m);
+      const json = await runKino(["plan", "--model", "wan2.1-t2v-14b", "--gpu", "rtx4090-24gb", "--ram", "8GB", "--json"], { home });
+      const p = (JSON.parse(json.stdout) as { plan: Plan }).plan;
+      assert.deepEqual(memorySpecOf(p).transformer, { kind: "streamed", residentBlocks: (p.placement.transformer as { residentBlocks: number }).residentBlocks, prefetch: 1, source: "disk" });
+      assert.ok(p.predicted.peakRam <= 8 * GiB && p.pinnedBytes === 2 * M14.transformer.blockBytes);
     } finally {
       removeDir(home);
     }

@@ -24,7 +24,7 @@ import type { Device, DeviceInfo, DType, EngineEvent, GenerateResult, HelloResul
 import { jobFieldsOf, memorySpecOf, runtimeFieldsOf } from "../planner/execute.ts";
 import { reportedProfile } from "../planner/hardware.ts";
 import { corrections, PeakLog, peakRecords } from "../planner/learn.ts";
-import { checkpointManifest } from "../planner/checkpoint-manifest.ts";
+import { checkpointManifest, withCheckpointFiles } from "../planner/checkpoint-manifest.ts";
 import { probeKey, withMeasuredRates } from "../planner/probe-cache.ts";
 import { probeCacheFor } from "./probe.ts";
 import { modelManifest } from "../planner/manifest.ts";
@@ -242,7 +242,12 @@ export async function planRun(
     }
     return null;
   }
-  const manifest = architecture !== null ? modelManifest(model.id!, architecture) : await checkpointManifest(model.path!, "model");
+  const manifest =
+    architecture === null
+      ? await checkpointManifest(model.path!, "model")
+      : model.path === null
+        ? modelManifest(model.id!, architecture)
+        : await withCheckpointFiles(modelManifest(model.id!, architecture), model.path, "model"); // what a block read from disk takes
   // The rates this machine measured (`kino probe`, cached per GPU) where there are any, else the H100
   // preset's; VRAM and RAM are what the engine reports now. Reading the cache never measures.
   const probed = await probeCacheFor(config)

@@ -1,6 +1,8 @@
 /**
- * `kino bench-memory`: one random-weight model under a list of VRAM budgets. The planner plans each
- * budget here; the engine's `kino_engine.memory_bench` tool loads the model once, executes each plan
+ * `kino bench-memory`: one random-weight model under a list of VRAM budgets (and a host RAM budget:
+ * below the weights, the transformer streams from a scratch file on disk, as it would stream from a
+ * checkpoint's files). The planner plans each budget here; the engine's `kino_engine.memory_bench`
+ * tool loads the model once, executes each plan
  * (placements and the VRAM cap enforced in its process), and measures every phase; the report sets
  * each measurement beside its prediction. Like `kino bench`, the halves can run apart (`specOnly`,
  * `fromRaw`) for a GPU machine without Node.
@@ -25,6 +27,11 @@ export const MemoryBenchOptions = RandomRunOptions.extend({
   levels: z.array(z.number().int().min(0).max(3)).default([]),
   /** The hardware profile the planner plans for. @default h100-80gb */
   gpu: z.string().default("h100-80gb"),
+  /**
+   * The host RAM budget (e.g. "8GB") the budgets' cases are planned under: below the weights, the transformer
+   * streams from disk. @default the profile's RAM
+   */
+  ram: z.string().optional(),
   /** Untimed denoising steps per case (compile, first copies). @default 1 */
   warmupSteps: z.number().int().nonnegative().default(1),
   /** Timed denoising steps per case (the report takes the median). @default 2 */
@@ -97,6 +104,8 @@ export interface CaseComparison {
   readonly peakVram: { predicted: number | null; measured: number | null; ratio: number | null; withinTenPercent: boolean | null };
   readonly budgetBytes: number | null;
   readonly underBudget: boolean | null;
+  /** The process's peak RSS in the case against the plan's host RAM (a disk plan's: the staging ring, not the blocks). */
+  readonly peakRam: { predicted: number | null; measured: number | null; ratio: number | null };
   readonly secondsPerStep: { predicted: number | null; measured: number | null; ratio: number | null };
   /** Text encode + all the job's steps at the measured rate + decode, against the prediction. */
   readonly generationSeconds: { predicted: number | null; measured: number | null; ratio: number | null; withinTwentyPercent: boolean | null };
@@ -116,7 +125,8 @@ export interface MemoryBenchReport {
 }
 
 function describe(m: MemorySpec): string {
-  const p = (s: MemorySpec["transformer"]) => (s.kind === "streamed" ? `streamed(${s.residentBlocks} resident, prefetch ${s.prefetch})` : s.kind);
+  const p = (s: MemorySpec["transformer"]) =>
+    s.kind === "streamed" ? `streamed${s.source === "disk" ? " from disk" : ""}(${s.residentBlocks} resident, prefetch ${s.prefetch})` : s.kind;
   return `te ${p(m.textEncoder)} · transformer ${p(m.transformer)} · vae ${p(m.vae)}`;
 }
 
@@ -154,10 +164,11 @@ export function memoryBenchSpec(input: MemoryBenchOptions, provenance: Provenanc
     const p = plan(manifest, hardware, request, { memoryLevel: level as MemoryLevel });
     cases.push({ label: `level ${level}`, memory: { ...memorySpecOf(p), vramBudget: null }, ...jobFieldsOf(p), predicted: predictedOf(p), reasons: [...p.reasons] });
   }
+  const ram = o.ram === undefined ? undefined : parseByteSize(o.ram, "ram");
   for (const label of o.budgets) {
     const vram = parseByteSize(label, "budgets");
     try {
-      const p = plan(manifest, hardware, request, { vram });
+      const p = plan(manifest, hardware, request, { vram, ram });
       const memory = memorySpecOf(p);
       const fields = jobFieldsOf(p);
       // A budget whose plan repeats an earlier case's measures the same run again (only the cap differs,
@@ -217,6 +228,7 @@ export function compareMemoryBench(spec: MemoryBenchSpec, raw: MemoryBenchRaw): 
       peakVram: { predicted: p?.peakVram ?? null, measured: m?.peakVramBytes ?? null, ratio: peakRatio, withinTenPercent: peakRatio === null ? null : Math.abs(peakRatio - 1) <= 0.1 },
       budgetBytes: budget,
       underBudget: budget === null || m?.peakVramBytes == null ? null : m.peakVramBytes <= budget,
+      peakRam: { predicted: p?.peakRam ?? null, measured: m?.peakRamBytes ?? null, ratio: ratio(m?.peakRamBytes, p?.peakRam) },
       secondsPerStep: { predicted: p?.secondsPerStep ?? null, measured: perStep, ratio: ratio(perStep, p?.secondsPerStep) },
       generationSeconds: { predicted: p?.seconds ?? null, measured: generation, ratio: genRatio, withinTwentyPercent: genRatio === null ? null : Math.abs(genRatio - 1) <= 0.2 },
       stepVsResident: c.label === "resident" ? null : ratio(perStep, residentStep),

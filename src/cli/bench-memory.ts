@@ -18,6 +18,7 @@ import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from
 interface BenchMemoryFlags extends RandomRunFlags {
   budgets: string;
   levels?: string;
+  ram?: string;
   gpu: string;
   timedSteps?: string;
   resident: boolean;
@@ -36,6 +37,7 @@ export function benchMemoryCommand(ctx: CliContext): Command {
     .option("--budgets <list>", "comma-separated VRAM budgets", "8GB,12GB,16GB,24GB,48GB,80GB")
     .option("--levels <list>", "comma-separated memory-level presets (0..3) to run as well, e.g. 0,1,2,3")
     .option("--gpu <profile>", "the hardware profile to plan for", "h100-80gb")
+    .option("--ram <size>", "plan the budgets under this host RAM, e.g. 8GB (below the weights, the transformer streams from disk)")
     .option("--timed-steps <n>", "timed denoising steps per budget (median reported)", "2")
     .option("--no-resident", "skip the all-resident reference case")
     .option("--no-compile", "without regional torch.compile (on by default on cuda)")
@@ -54,6 +56,7 @@ export function benchMemoryCommand(ctx: CliContext): Command {
             budgets: flags.budgets.split(",").map((b) => b.trim()).filter((b) => b !== ""),
             levels: (flags.levels ?? "").split(",").filter((l) => l.trim() !== "").map((l) => integerFlag(l.trim(), "levels")!),
             gpu: flags.gpu,
+            ram: flags.ram,
             timedSteps: integerFlag(flags.timedSteps, "timedSteps"),
             resident: flags.resident,
             compile: ctx.argv.includes("--no-compile") ? false : undefined,
@@ -84,7 +87,7 @@ export function formatMemoryBench(report: MemoryBenchReport): string {
   const pct = (r: number | null) => (r === null ? "—" : `${r >= 1 ? "+" : ""}${((r - 1) * 100).toFixed(1)}%`);
   const b = (v: number | null) => (v === null ? "—" : bytes(v));
   const s = (v: number | null) => (v === null ? "—" : `${v.toFixed(3)} s`);
-  const head = ["budget", "peak predicted", "peak measured", "Δ", "s/step predicted", "s/step measured", "Δ", "gen Δ", "vs resident", "pinned/planned", "OOM"];
+  const head = ["budget", "peak predicted", "peak measured", "Δ", "s/step predicted", "s/step measured", "Δ", "gen Δ", "vs resident", "pinned/planned", "RAM predicted", "RAM measured", "OOM"];
   const rows = report.comparisons.map((c) => [
     c.label,
     b(c.peakVram.predicted),
@@ -96,6 +99,8 @@ export function formatMemoryBench(report: MemoryBenchReport): string {
     pct(c.generationSeconds.ratio),
     c.stepVsResident === null ? "—" : `${c.stepVsResident.toFixed(3)}×`,
     c.pinnedOverPlanned === null ? "—" : `${c.pinnedOverPlanned.toFixed(3)}×`,
+    b(c.peakRam.predicted),
+    b(c.peakRam.measured),
     c.oom ?? "no",
   ]);
   const widths = head.map((_, i) => Math.max(...[head, ...rows].map((r) => r[i]!.length)));

@@ -7,7 +7,9 @@ import type { JobSpec, MemorySpec, PlacementSpec } from "../protocol/engine.ts";
 import type { Placement, Plan } from "./plan.ts";
 
 function placementSpec(p: Placement): PlacementSpec {
-  return p.kind === "streamed" ? { kind: "streamed", residentBlocks: p.residentBlocks, prefetch: p.prefetch } : { kind: p.kind };
+  return p.kind === "streamed"
+    ? { kind: "streamed", residentBlocks: p.residentBlocks, prefetch: p.prefetch, source: p.source ?? "ram" }
+    : { kind: p.kind };
 }
 
 /** The `memory` of the ModelSpec that loads the model for this plan; the cap is the plan's whole VRAM budget. */

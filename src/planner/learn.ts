@@ -32,7 +32,8 @@ export const CLAMP: readonly [number, number] = [0.8, 1.5];
 
 export function planKey(plan: Plan): string {
   const p = plan.placement;
-  const show = (x: Plan["placement"]["transformer"]) => (x.kind === "streamed" ? `streamed:${x.residentBlocks}:${x.prefetch}` : x.kind);
+  const show = (x: Plan["placement"]["transformer"]) =>
+    x.kind === "streamed" ? `streamed:${x.residentBlocks}:${x.prefetch}${x.source === "disk" ? ":disk" : ""}` : x.kind;
   const decode = plan.vaeDecode.mode === "full" ? "full" : `tiled:${plan.vaeDecode.tile}`;
   return `te=${show(p.textEncoder)} tr=${show(p.transformer)} vae=${show(p.vae)} decode=${decode} cfg=${plan.cfg}`;
 }

@@ -42,6 +42,11 @@ export interface TransformerManifest extends ComponentManifest {
   /** Everything outside the blocks: patch embedding, time/text embeddings, output head. */
   readonly restParams: number;
   readonly restBytes: number;
+  /**
+   * Bytes one block takes in the weight files, what streaming it from disk reads: the dtype's unless the files say
+   * otherwise (`withWeightFiles`; Wan's Diffusers checkpoints store float32, twice the bf16 block).
+   */
+  readonly fileBlockBytes: number;
 }
 
 export interface TextEncoderManifest extends ComponentManifest {
@@ -118,6 +123,7 @@ export function transformerManifest(config: Record<string, unknown>, dtype: Weig
     blockBytes: blockParams * b,
     restParams,
     restBytes: restParams * b,
+    fileBlockBytes: blockParams * b,
   };
 }
 
@@ -164,4 +170,9 @@ export function withWeights(m: ModelManifest, mode: WeightMode): ModelManifest {
     weights: mode,
     transformer: { ...t, blockBytes, bytes: t.shape.layers * blockBytes + t.restBytes },
   };
+}
+
+/** The manifest with the bytes one transformer block takes in the weight files as they are (their headers say). */
+export function withWeightFiles(m: ModelManifest, fileBlockBytes: number): ModelManifest {
+  return { ...m, transformer: { ...m.transformer, fileBlockBytes } };
 }

@@ -12,7 +12,9 @@
  *   N·(12d² + 4df) + 4Ld², attention 4N²d + 4NLd per block, at the profile's GEMM and attention rates,
  *   times the measured overhead of kino's forward over that floor;
  * - a block-streamed block costs max(compute, bytes / H2D) (the prefetch overlaps), and the first
- *   streamed block's copy is not hidden when no block is resident;
+ *   streamed block's copy is not hidden when no block is resident; streamed from disk, the copy is
+ *   max(file bytes / disk read rate, bytes / H2D) (the reader fills one staging buffer while the
+ *   other crosses the bus), and host RAM holds the two staging buffers instead of the blocks;
  * - a component swapped in per phase costs its bytes / H2D once per generation (the host copy is
  *   kept, so nothing is copied back);
  * - memory: weights on the device in each phase + that phase's working set + a fixed runtime overhead.
@@ -59,8 +61,11 @@ export type Placement =
   | { readonly kind: "resident" }
   /** On the device only during its phase (text encode, denoise or decode); in pinned host memory otherwise. */
   | { readonly kind: "swapped" }
-  /** Transformer only: the rest and `residentBlocks` blocks stay; the others are copied in `prefetch` ahead. */
-  | { readonly kind: "streamed"; readonly residentBlocks: number; readonly prefetch: number }
+  /**
+   * Transformer only: the rest and `residentBlocks` blocks stay; the others are copied in `prefetch` ahead, from
+   * pinned host RAM or, when RAM cannot hold them, read from the weight files on disk. @default source "ram"
+   */
+  | { readonly kind: "streamed"; readonly residentBlocks: number; readonly prefetch: number; readonly source?: "ram" | "disk" }
   /** Runs on the host CPU (text encoder only). */
   | { readonly kind: "cpu" };
 
@@ -190,6 +195,9 @@ export const WEIGHT_COSTS: Readonly<Record<WeightMode, { readonly linearSpeedup:
 /** Host bytes of the Python process with torch and CUDA loaded, before any weights. */
 const HOST_BASE = 3 * GiB;
 
+/** Block-sized pinned buffers a transformer streamed from disk reads into (kino_engine/runtime/disk.py's STAGING_BUFFERS). */
+export const DISK_STAGING_BUFFERS = 2;
+
 export const DEFAULT_MARGIN = 0.1;
 
 // ---- the cost model --------------------------------------------------------------------------
@@ -215,6 +223,7 @@ interface Evaluated extends Candidate {
 }
 
 const RESIDENT: Placement = { kind: "resident" };
+const fromDisk = (p: Placement): boolean => p.kind === "streamed" && p.source === "disk";
 const SWAPPED: Placement = { kind: "swapped" };
 const CPU: Placement = { kind: "cpu" };
 
@@ -290,7 +299,8 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
   const flops = blockFlops(m, tokens);
   const linearRate = hw.gemmFlops * WEIGHT_COSTS[m.weights ?? "exact"].linearSpeedup;
   const blockCompute = batch * (flops.linear / linearRate + flops.attention / hw.attentionFlops) * FORWARD_OVER_FLOOR;
-  const blockTransfer = t.blockBytes / hw.h2d;
+  // From disk, the reader fills one staging buffer while the other crosses the bus: the slower of the two sets the pace.
+  const blockTransfer = fromDisk(c.transformer) ? Math.max(t.fileBlockBytes / hw.diskRead, t.blockBytes / hw.h2d) : t.blockBytes / hw.h2d;
   let forward = layers * blockCompute;
   if (c.transformer.kind === "streamed") {
     const streamed = layers - c.transformer.residentBlocks;
@@ -314,8 +324,12 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
     if (factor !== undefined) phases[phase] = { ...phases[phase], vram: phases[phase].vram * factor };
   }
 
-  const hostBytes = (bytes: number, p: Placement): number =>
-    p.kind === "resident" ? 0 : p.kind === "streamed" ? (layers - p.residentBlocks) * t.blockBytes : bytes;
+  const hostBytes = (bytes: number, p: Placement): number => {
+    if (p.kind === "resident") return 0;
+    if (p.kind !== "streamed") return bytes;
+    const streamed = layers - p.residentBlocks;
+    return (fromDisk(p) ? Math.min(DISK_STAGING_BUFFERS, streamed) : streamed) * t.blockBytes;
+  };
   const pinned = (bytes: number, p: Placement) => (p.kind === "swapped" || p.kind === "streamed" ? hostBytes(bytes, p) : 0);
 
   return {
@@ -338,9 +352,9 @@ export function predict(
   hw: HardwareProfile,
   r: PlanRequest,
   c: { textEncoder: Placement; transformer: Placement; vae: Placement; cfg: CfgMode; vaeDecode: VaeDecode },
-): { peakVram: number; seconds: number; secondsPerStep: number; pinnedBytes: number; phases: Readonly<Record<PlanPhase, PhasePrediction>> } {
+): { peakVram: number; peakRam: number; seconds: number; secondsPerStep: number; pinnedBytes: number; phases: Readonly<Record<PlanPhase, PhasePrediction>> } {
   const e = evaluate(m, hw, r, c);
-  return { peakVram: e.peakVram, seconds: e.seconds, secondsPerStep: e.secondsPerStep, pinnedBytes: e.pinnedBytes, phases: e.phases };
+  return { peakVram: e.peakVram, peakRam: e.peakRam, seconds: e.seconds, secondsPerStep: e.secondsPerStep, pinnedBytes: e.pinnedBytes, phases: e.phases };
 }
 
 // ---- the search ------------------------------------------------------------------------------
@@ -349,7 +363,11 @@ export function predict(
 function candidates(m: ModelManifest, r: PlanRequest, level: MemoryLevel | "auto"): Candidate[] {
   const layers = m.transformer.shape.layers;
   const streamed: Placement[] = [];
-  for (let k = layers - 1; k >= 0; k--) streamed.push({ kind: "streamed", residentBlocks: k, prefetch: 1 });
+  for (let k = layers - 1; k >= 0; k--) streamed.push({ kind: "streamed", residentBlocks: k, prefetch: 1, source: "ram" });
+  // From disk only with exact weights: the engine streams the checkpoint's own tensors (or a scratch copy of them).
+  if ((m.weights ?? "exact") === "exact") {
+    for (let k = layers - 1; k >= 0; k--) streamed.push({ kind: "streamed", residentBlocks: k, prefetch: 1, source: "disk" });
+  }
   const tiled: VaeDecode[] = VAE_TILES.map((t) => ({ mode: "tiled", tile: t.tile }));
   const full: VaeDecode = { mode: "full" };
   const cfgs: CfgMode[] = r.guidance > 1 ? ["batched", "sequential"] : ["off"];
@@ -370,11 +388,15 @@ function candidates(m: ModelManifest, r: PlanRequest, level: MemoryLevel | "auto
   return out;
 }
 
-/** Fastest first; among equally fast, more resident bytes, then lower peak. */
+/**
+ * Fastest first; among equally fast, more resident bytes, then blocks from RAM over blocks from disk (a disk shared
+ * with other work and the page cache's pressure are not in the model), then lower peak.
+ */
 function better(a: Evaluated, b: Evaluated): boolean {
   const dt = a.seconds - b.seconds;
   if (Math.abs(dt) > 1e-9 * Math.max(a.seconds, b.seconds)) return dt < 0;
   if (a.residentBytes !== b.residentBytes) return a.residentBytes > b.residentBytes;
+  if (fromDisk(a.transformer) !== fromDisk(b.transformer)) return fromDisk(b.transformer);
   return a.peakVram < b.peakVram;
 }
 
@@ -403,6 +425,21 @@ function descend(pool: readonly Evaluated[], top: number, usable: number): Evalu
   return current;
 }
 
+/**
+ * The same rule along host RAM: walking the RAM budget down, the choice (descend's at the VRAM budget) changes only
+ * when it stops fitting, and its replacement is chosen among the candidates holding fewer host bytes. So a smaller
+ * RAM budget never holds more host bytes (e.g. never trades a CPU text encoder for blocks read from disk while the
+ * encoder still fits). At the machine's own RAM this is descend alone.
+ */
+function descendRam(pool: readonly Evaluated[], top: number, usable: number, ram: number): Evaluated | undefined {
+  let current = descend(pool, top, usable);
+  while (current !== undefined && current.peakRam > ram) {
+    const above = current.peakRam;
+    current = descend(pool.filter((e) => e.peakRam < above), top, usable);
+  }
+  return current;
+}
+
 const gib = (bytes: number) => `${(bytes / GiB).toFixed(1)} GiB`;
 const secs = (s: number) => (s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`);
 
@@ -415,7 +452,7 @@ export function describePlacement(p: Placement, layers?: number): string {
     case "cpu":
       return "on CPU";
     case "streamed":
-      return `block-streamed (${p.residentBlocks}${layers === undefined ? "" : `/${layers}`} blocks resident, prefetch ${p.prefetch})`;
+      return `block-streamed${fromDisk(p) ? " from disk" : ""} (${p.residentBlocks}${layers === undefined ? "" : `/${layers}`} blocks resident, prefetch ${p.prefetch})`;
   }
 }
 
@@ -474,7 +511,8 @@ function planOne(manifest: ModelManifest, hardware: HardwareProfile, request: Pl
   const all = candidates(manifest, request, level).map((c) => evaluate(manifest, hardware, request, c, corrections));
   const hostOk = all.filter((e) => e.peakRam <= ram && e.pinnedBytes <= hardware.pinnedLimit);
   // The descent can in principle corner itself (nothing within the resident bytes kept fits); then the fastest that fits.
-  const chosen = descend(hostOk, hardware.vramFree * (1 - margin), usable) ?? best(hostOk.filter((e) => e.peakVram <= usable));
+  const pinnable = all.filter((e) => e.pinnedBytes <= hardware.pinnedLimit && e.peakRam <= Math.max(ram, hardware.hostRam));
+  const chosen = descendRam(pinnable, hardware.vramFree * (1 - margin), usable, ram) ?? best(hostOk.filter((e) => e.peakVram <= usable));
   if (chosen === undefined) throw infeasible(manifest, hardware, request, level, all, hostOk, vram, ram, margin);
   const fastest = best(hostOk.filter((e) => e.peakVram <= usable))!;
   if (fastest !== chosen) {
@@ -484,7 +522,7 @@ function planOne(manifest: ModelManifest, hardware: HardwareProfile, request: Pl
     );
   }
 
-  explain(reasons, manifest, chosen, hostOk, usable, level);
+  explain(reasons, manifest, hardware, ram, chosen, hostOk, usable, level);
   return {
     model: manifest.id,
     hardware: hardware.name,
@@ -519,11 +557,20 @@ const LEVEL_MEANING: Readonly<Record<MemoryLevel, string>> = {
 };
 
 /** Logs each decision against its alternatives: what they would have cost, or why they do not fit. */
-function explain(reasons: string[], m: ModelManifest, chosen: Evaluated, pool: readonly Evaluated[], usable: number, level: MemoryLevel | "auto"): void {
+function explain(
+  reasons: string[],
+  m: ModelManifest,
+  hw: HardwareProfile,
+  ramBudget: number,
+  chosen: Evaluated,
+  pool: readonly Evaluated[],
+  usable: number,
+  level: MemoryLevel | "auto",
+): void {
   const layers = m.transformer.shape.layers;
   const axes: ReadonlyArray<{ name: string; key: (e: Candidate) => string; show: (e: Candidate) => string; bytes?: number }> = [
     { name: "text encoder", key: (e) => e.textEncoder.kind, show: (e) => describePlacement(e.textEncoder), bytes: m.textEncoder.bytes },
-    { name: "transformer", key: (e) => e.transformer.kind, show: (e) => describePlacement(e.transformer, layers), bytes: m.transformer.bytes },
+    { name: "transformer", key: (e) => (fromDisk(e.transformer) ? "streamed from disk" : e.transformer.kind), show: (e) => describePlacement(e.transformer, layers), bytes: m.transformer.bytes },
     { name: "VAE", key: (e) => e.vae.kind, show: (e) => describePlacement(e.vae), bytes: m.vae.bytes },
     { name: "CFG", key: (e) => e.cfg, show: (e) => e.cfg },
     { name: "VAE decode", key: (e) => (e.vaeDecode.mode === "full" ? "full" : `tiled ${e.vaeDecode.tile}`), show: (e) => describeDecode(e.vaeDecode) },
@@ -547,10 +594,20 @@ function explain(reasons: string[], m: ModelManifest, chosen: Evaluated, pool: r
   }
   if (chosen.transformer.kind === "streamed") {
     const hidden = chosen.blockCompute >= chosen.blockTransfer;
+    const disk = fromDisk(chosen.transformer);
     reasons.push(
-      `streaming: a block computes in ${secs(chosen.blockCompute)} and copies in ${secs(chosen.blockTransfer)} → ` +
+      `streaming${disk ? " from disk" : ""}: a block computes in ${secs(chosen.blockCompute)} and ${disk ? "is read and copied" : "copies"} in ${secs(chosen.blockTransfer)} → ` +
         (hidden ? "the copy hides behind the compute" : `the copy dominates (${(chosen.blockTransfer / chosen.blockCompute).toFixed(1)}× the compute)`),
     );
+    if (disk) {
+      const t = m.transformer;
+      reasons.push(
+        `from disk: the streamed blocks (${gib((layers - chosen.transformer.residentBlocks) * t.blockBytes)}) would not fit in host RAM beside the rest ` +
+          `(${gib(ramBudget)}, pinned at most ${gib(hw.pinnedLimit)}); ` +
+          `host RAM holds ${DISK_STAGING_BUFFERS} staging buffers (${gib(DISK_STAGING_BUFFERS * t.blockBytes)}) and a block reads ${gib(t.fileBlockBytes)} ` +
+          `at ${(hw.diskRead / 1e9).toFixed(1)} GB/s`,
+      );
+    }
   }
 }
 
@@ -566,12 +623,16 @@ function infeasible(
   margin: number,
 ): KinoError {
   const what = `${m.id} at ${r.width}x${r.height}x${r.frames}${level === "auto" ? "" : ` at memory level ${level}`}`;
+  const pinnable = all.filter((e) => e.pinnedBytes <= hw.pinnedLimit);
+  // The smallest host RAM among the plans the VRAM budget allows, rounded up so that the budget named works.
+  const ramToFit = Math.min(...pinnable.filter((e) => e.peakVram <= vram * (1 - margin)).map((e) => e.peakRam));
+  const ramNamed = (bytes: number) => `--ram ${(Math.ceil((bytes / GiB) * 10) / 10).toFixed(1)}GB`;
   if (hostOk.length === 0) {
-    const needRam = Math.min(...all.filter((e) => e.pinnedBytes <= hw.pinnedLimit).map((e) => e.peakRam));
+    const needRam = Number.isFinite(ramToFit) ? ramToFit : Math.min(...pinnable.map((e) => e.peakRam));
     return new KinoError(
       "INFEASIBLE",
       Number.isFinite(needRam)
-        ? `${what} does not fit in ${gib(ram)} of host RAM; the smallest budget that works is --ram ${gib(needRam)}`
+        ? `${what} does not fit in ${gib(ram)} of host RAM; the smallest budget that works is ${ramNamed(needRam)}`
         : `${what} needs more pinned host memory than the ${hw.name} allows (${gib(hw.pinnedLimit)})`,
       { field: "ram" },
     );
@@ -579,11 +640,21 @@ function infeasible(
   const smallest = Math.min(...hostOk.map((e) => e.peakVram));
   const need = Math.ceil((smallest / (1 - margin) / GiB) * 10) / 10;
   const onCard = need * GiB > hw.vramFree ? ` (more than the ${hw.name}'s ${gib(hw.vramFree)} free)` : "";
+  if (onCard !== "" && Number.isFinite(ramToFit)) {
+    // More host RAM (or the disk tier's staging ring) makes room on the card: name the RAM first.
+    return new KinoError(
+      "INFEASIBLE",
+      `${what} does not fit in ${gib(ram)} of host RAM with ${gib(vram)} of VRAM; the smallest budget that works is ${ramNamed(ramToFit)} ` +
+        `(at this RAM it needs --vram ${need.toFixed(1)}GB${onCard})`,
+      { field: "ram" },
+    );
+  }
   const auto = level !== "auto" ? "; or let the planner choose with --memory-level auto" : "";
+  const moreRam = Number.isFinite(ramToFit) ? `, or ${ramNamed(ramToFit)} at this VRAM budget` : "";
   return new KinoError(
     "INFEASIBLE",
     `${what} does not fit in ${gib(vram)} of VRAM; the smallest budget that works is --vram ${need.toFixed(1)}GB${onCard}` +
-      `, or use a smaller --size or --frames${auto}`,
+      `${moreRam}, or use a smaller --size or --frames${auto}`,
     { field: "vram" },
   );
 }
