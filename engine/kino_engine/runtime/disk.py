@@ -89,7 +89,7 @@ class DiskBlocks:
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kino-disk-reader")
         self.bytes_read = 0
         self.reads = 0
-        self._closer = weakref.finalize(self, _close, self.reader, index, self.ring)
+        self._closer = weakref.finalize(self, _close, self.reader, index, self.ring, self.ring_copied)
 
     @property
     def pinned_bytes(self) -> int:
@@ -140,6 +140,7 @@ class DiskBlocks:
     def restore(self, tensors: list[list[torch.Tensor]], device: torch.device) -> None:
         """Every block's tensors onto `device` again (read once more from the files); then closed."""
         self.reader.shutdown(wait=True)
+        _drain(self.ring_copied)  # the staging buffers are rewritten below: their queued copies must be done
         for p, block in enumerate(tensors):
             self._read(p, self.ring_views[0])
             to_device(block, self.ring_views[0], device)  # a synchronous copy: the buffer is free after it
@@ -149,8 +150,18 @@ class DiskBlocks:
         self._closer()
 
 
-def _close(reader: ThreadPoolExecutor, index: WeightIndex, ring: list[HostBuffer]) -> None:
+def _drain(copied: list[torch.cuda.Event | None]) -> None:
+    """Wait until the last copy out of each staging buffer has finished."""
+    for event in copied:
+        if event is not None:
+            event.synchronize()
+
+
+def _close(
+    reader: ThreadPoolExecutor, index: WeightIndex, ring: list[HostBuffer], copied: list[torch.cuda.Event | None]
+) -> None:
     reader.shutdown(wait=True)
+    _drain(copied)  # no copy may still read a buffer about to be unregistered
     index.close()
     for buffer in ring:
         buffer.close()
