@@ -135,7 +135,9 @@ def test_disk_streamed_blocks_give_the_resident_output(tmp_path: Path, resident:
     for b in range(len(model.blocks)):
         weight = model.blocks[b].a.weight
         assert _is_placeholder(weight) == (b >= resident), f"block {b}: resident blocks are loaded, streamed ones are not"
-    # One read per streamed execution, as the RAM source makes one copy (the first forward primes S slots).
+    # One read per streamed execution, as the RAM source makes one copy (the first forward primes S
+    # slots). The phase's end waits for the reads still under way (the next forward's prefetch).
+    streamer.leave()
     streamed = len(streamer.streamed)
     assert streamer.copies == source.reads == 3 * streamed + (streamer.slots_count - 1)
     assert source.bytes_read == source.reads * sum(p.numel() * 4 for p in Stack(1).blocks[0].state_dict().values())
@@ -158,6 +160,7 @@ def test_reads_follow_the_tickets_and_take_the_buffers_in_turn(tmp_path: Path) -
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
     for _ in range(2):
         assert torch.equal(model(x), expected)
+    streamer.leave()  # the prefetch still being read
     positions = [p for p, _ in order]
     streamed = len(streamer.streamed)
     assert positions == [t % streamed for t in range(len(order))], f"reads out of ticket order: {positions}"
