@@ -1,5 +1,5 @@
 /**
- * `kino bench-memory` under a host RAM budget: the planner's disk plans in the spec, and the engine's
+ * `kino bench-memory` under a host RAM budget: the protocol's streamed source, the planner's disk plans in the spec, and the engine's
  * memory bench tool running one on the CPU (a scaled-down architecture: full size is for GPUs), the
  * transformer streamed from a scratch file exactly as resident.
  */
@@ -9,6 +9,7 @@ import { memoryBenchReport, memoryBenchSpec, runMemoryBench } from "../src/api/m
 import { formatMemoryBench } from "../src/cli/bench-memory.ts";
 import { resolveConfig } from "../src/config/config.ts";
 import { GiB } from "../src/planner/hardware.ts";
+import { MemorySpec } from "../src/protocol/engine.ts";
 import { runKino } from "./fixtures/cli.ts";
 import { MINI_RUN, withMiniArchitecture } from "./fixtures/mini-spec.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
@@ -27,6 +28,16 @@ test("spec: under --ram 8GB the 14B's budgets stream from disk; without it, from
   const r = ram.cases[0]!.memory.transformer;
   assert.ok(r.kind === "streamed" && r.source === "ram", JSON.stringify(r));
   assert.throws(() => memoryBenchSpec({ ...DISK_14B, ram: "8XB" }, provenance), (e: Error & { field?: string }) => e.field === "ram");
+});
+
+test("protocol: a streamed placement's source is ram or disk (absent: ram); anything else is refused naming the field", () => {
+  const memory = { textEncoder: { kind: "resident" }, vae: { kind: "resident" }, vramBudget: null };
+  const streamed = { kind: "streamed", residentBlocks: 0, prefetch: 1 };
+  assert.ok(MemorySpec.safeParse({ ...memory, transformer: streamed }).success, "plans from before the field still parse");
+  assert.ok(MemorySpec.safeParse({ ...memory, transformer: { ...streamed, source: "disk" } }).success);
+  const bad = MemorySpec.safeParse({ ...memory, transformer: { ...streamed, source: "nvme" } });
+  assert.ok(!bad.success);
+  assert.deepEqual(bad.error.issues[0]!.path, ["transformer", "source"]);
 });
 
 test("CLI: --ram reaches the plans (--spec-only)", async () => {
