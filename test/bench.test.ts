@@ -28,11 +28,14 @@ test("spec: the 1.3B architecture with random weights and Wan's 480p defaults", 
     [832, 480, 81, 50, 5, 3],
   );
   assert.deepEqual(spec.references, ["diffusers", "diffusers-compiled"], "on cuda both references by default");
-  assert.deepEqual(spec.kinoRuntime, { cfg: "auto", attention: "auto", compile: true });
+  assert.deepEqual(spec.kinoRuntime, { cfg: "batched", attention: "auto", compile: true }, "auto: the planner's choice for an H100");
   assert.deepEqual(spec.provenance, provenance, "a result measured elsewhere must still say which command and commit made it");
   const big = benchSpec({ model: "wan2.1-t2v-14b", size: "1280x720", reference: false }, provenance);
   assert.equal(big.model.source.kind === "random" && big.model.source.architecture.transformer.num_layers, 40);
   assert.deepEqual([big.job.width, big.job.height, big.references], [1280, 720, ["diffusers-compiled"]]);
+  assert.equal(big.kinoRuntime.cfg, "sequential", "the 14B at 720p saturates the GPU with one sample: two forwards per step");
+  assert.equal(benchSpec({ cfg: "batched", model: "wan2.1-t2v-14b" }, provenance).kinoRuntime.cfg, "batched", "a named mode is kept");
+  assert.equal(benchSpec({ guidance: 1 }, provenance).kinoRuntime.cfg, "auto", "no guidance: nothing to batch");
   const cpu = benchSpec({ device: "cpu", compile: false }, provenance);
   assert.deepEqual([cpu.references, cpu.kinoRuntime.compile], [["diffusers"], false], "no compiled reference or compile by default on the CPU");
 });

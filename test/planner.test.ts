@@ -14,7 +14,7 @@ import { KinoError } from "../src/errors.ts";
 import { GiB, H100_80GB, RTX4090_24GB, type HardwareProfile } from "../src/planner/hardware.ts";
 import { memorySpecOf } from "../src/planner/execute.ts";
 import { modelManifest, withWeightFiles, withWeights, type ModelManifest } from "../src/planner/manifest.ts";
-import { plan, predict, smallestVramBudget, type Placement, type Plan, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
+import { batchedCfgFactor, plan, predict, smallestVramBudget, videoTokens, type Placement, type Plan, type PlanBudget, type PlanRequest } from "../src/planner/plan.ts";
 import type { MemoryBenchReport } from "../src/api/memory-bench.ts";
 import { runKino } from "./fixtures/cli.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
@@ -530,6 +530,38 @@ describe("host RAM below the weights: the transformer streams from disk", () => 
       assert.ok(p.predicted.peakRam <= 8 * GiB && p.pinnedBytes === 2 * M14.transformer.blockBytes);
     } finally {
       removeDir(home);
+    }
+  });
+});
+
+
+describe("classifier-free guidance: one batch-2 forward or two", () => {
+  test("batchedCfgFactor reproduces the H100 measurements it is fitted to", () => {
+    const measured: Array<[ModelManifest, PlanRequest, number]> = [
+      [M13, { width: 832, height: 480, frames: 81, steps: 50, guidance: 5 }, 0.993],
+      [M14, { width: 832, height: 480, frames: 81, steps: 50, guidance: 5 }, 1.008],
+      [M14, { width: 1280, height: 720, frames: 81, steps: 50, guidance: 5 }, 1.022],
+    ];
+    for (const [m, r, ratio] of measured) {
+      const factor = batchedCfgFactor(videoTokens(m, r), m.transformer.shape.width);
+      assert.ok(Math.abs(factor - ratio) < 0.005, `${m.id} ${r.width}x${r.height}: ${factor} against the measured ${ratio}`);
+    }
+  });
+
+  test("on an H100, all resident: batched where one sample leaves the GPU underused, two forwards where it is saturated", () => {
+    const cases: Array<[ModelManifest, number, number, string]> = [
+      [M13, 832, 480, "batched"],
+      [M13, 480, 272, "batched"],
+      [M14, 832, 480, "sequential"],
+      [M14, 1280, 720, "sequential"],
+    ];
+    for (const [m, width, height, cfg] of cases) {
+      const p = plan(m, H100_80GB, { width, height, frames: 81, steps: 50, guidance: 5 });
+      assert.equal(p.cfg, cfg, `${m.id} ${width}x${height}`);
+      const other = predict(m, H100_80GB, { width, height, frames: 81, steps: 50, guidance: 5 }, {
+        ...p.placement, cfg: cfg === "batched" ? "sequential" : "batched", vaeDecode: p.vaeDecode,
+      });
+      assert.ok(other.seconds > p.predicted.seconds, `${m.id} ${width}x${height}: the mode not chosen must be predicted slower`);
     }
   });
 });

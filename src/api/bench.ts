@@ -18,6 +18,9 @@ import type { KinoConfig } from "../config/config.ts";
 import { runEngineTool, type ToolOptions } from "../engine/tools.ts";
 import { KinoError } from "../errors.ts";
 import { JobSpec, ModelSpec } from "../protocol/engine.ts";
+import { H100_80GB } from "../planner/hardware.ts";
+import { modelManifest } from "../planner/manifest.ts";
+import { plan } from "../planner/plan.ts";
 import { DTYPE_NAMES, parseSize } from "./generate-options.ts";
 
 export const BENCH_PROMPT = "A cat walks on the grass, realistic";
@@ -58,7 +61,7 @@ export const BenchOptions = RandomRunOptions.extend({
   compiledReference: z.boolean().optional(),
   /** kino's hot path: attention backend ("auto" measures once per GPU and shape). @default auto */
   attention: z.enum(["auto", "default", "cudnn", "flash", "efficient", "math"]).default("auto"),
-  /** kino's hot path: classifier-free guidance as one batch-2 forward or two. @default auto (batched) */
+  /** kino's hot path: classifier-free guidance as one batch-2 forward or two. @default auto (the planner's choice for an H100, all resident) */
   cfg: z.enum(["auto", "batched", "sequential"]).default("auto"),
   /** kino's hot path: regional torch.compile of the transformer blocks. @default true on cuda */
   compile: z.boolean().optional(),
@@ -149,10 +152,27 @@ export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpe
       ...(o.reference ? (["diffusers"] as const) : []),
       ...((o.compiledReference ?? o.device === "cuda") ? (["diffusers-compiled"] as const) : []),
     ],
-    kinoRuntime: { cfg: o.cfg, attention: o.attention, compile: o.compile ?? o.device === "cuda" },
+    kinoRuntime: { cfg: o.cfg === "auto" ? plannedCfg(o) : o.cfg, attention: o.attention, compile: o.compile ?? o.device === "cuda" },
     cacheDir: o.cacheDir,
     provenance,
   });
+}
+
+/**
+ * Guidance as `kino generate` would run it on an H100 with everything resident: the planner's
+ * choice (batched where one sample leaves the GPU underused, two forwards where it is saturated).
+ * Without guidance, or when the planner refuses the shape, "auto" is left to the engine (batched).
+ */
+function plannedCfg(o: z.output<typeof BenchOptions>): "auto" | "batched" | "sequential" {
+  const { model, job } = randomRun(o);
+  if (model.source.kind !== "random" || job.guidance <= 1) return "auto";
+  try {
+    const chosen = plan(modelManifest(model.name, model.source.architecture), H100_80GB, job).cfg;
+    return chosen === "off" ? "auto" : chosen;
+  } catch (error) {
+    if (error instanceof KinoError) return "auto";
+    throw error;
+  }
 }
 
 /** The model (a catalog architecture with random weights) and the job (the model's defaults under the options). */

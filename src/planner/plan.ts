@@ -175,6 +175,18 @@ const FORWARD_OVER_FLOOR = 1.1;
  */
 const FORWARD_FIXED_SECONDS = 0.01;
 
+/**
+ * One batch-2 forward (batched CFG) over two batch-1 forwards, as a line in the work of one sample's
+ * forward, tokens × width, through three H100 measurements (docs/benchmarks.md): 0.993 at 1.3B 480p
+ * (tokens × width 5.0e7), 1.008 at 14B 480p (1.7e8), 1.022 at 14B 720p (3.9e8, alternated runs of the
+ * same compiled blocks). Batching pays where one sample leaves the GPU underused and costs a little
+ * where it is saturated (attention at 151 200 rows runs slower than twice at 75 600).
+ */
+export function batchedCfgFactor(tokens: number, width: number): number {
+  return BATCHED_CFG.base + BATCHED_CFG.perWork * tokens * width;
+}
+const BATCHED_CFG = { base: 0.99, perWork: 8.3e-11 } as const;
+
 /** Per streamed block and forward: recording and waiting on the copy's event, launching the copy. An estimate, not yet measured. */
 const STREAM_BLOCK_SECONDS = 0.001;
 
@@ -298,7 +310,8 @@ function evaluate(m: ModelManifest, hw: HardwareProfile, r: PlanRequest, c: Cand
   // Denoise.
   const flops = blockFlops(m, tokens);
   const linearRate = hw.gemmFlops * WEIGHT_COSTS[m.weights ?? "exact"].linearSpeedup;
-  const blockCompute = batch * (flops.linear / linearRate + flops.attention / hw.attentionFlops) * FORWARD_OVER_FLOOR;
+  const batching = batch === 2 ? batchedCfgFactor(tokens, t.shape.width) : 1;
+  const blockCompute = batch * batching * (flops.linear / linearRate + flops.attention / hw.attentionFlops) * FORWARD_OVER_FLOOR;
   // From disk, the reader fills one staging buffer while the other crosses the bus: the slower of the two sets the pace.
   const blockTransfer = fromDisk(c.transformer) ? Math.max(t.fileBlockBytes / hw.diskRead, t.blockBytes / hw.h2d) : t.blockBytes / hw.h2d;
   let forward = layers * blockCompute;
