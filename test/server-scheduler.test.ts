@@ -10,6 +10,9 @@ import type { RequestOptions } from "../src/engine/client.ts";
 import { KinoError } from "../src/errors.ts";
 import { GiB } from "../src/planner/hardware.ts";
 import type { DeviceInfo, GenerateResult, JobSpec, LoadResult, ModelSpec } from "../src/protocol/engine.ts";
+import { join } from "node:path";
+import { learnedPeaks, PeakLog } from "../src/planner/learn.ts";
+import { planOn } from "../src/server/scheduler/admission.ts";
 import { batchKey } from "../src/server/scheduler/model-spec.ts";
 import { decideOomRetry, isEngineFailure, pickSlot, restartBackoffMs, type SlotView } from "../src/server/scheduler/policy.ts";
 import { Health, ProcessList } from "../src/server/schemas.ts";
@@ -152,6 +155,33 @@ describe("engines and GPUs", () => {
       const events = parseSse((await t.server.app.inject({ method: "GET", url: `/api/jobs/${job.id}/events` })).body);
       const notice = events.find((e) => e.event === "notice")!;
       assert.match(notice.data.data.message, /out of device memory; retrying once with a safer plan \(25%/);
+    });
+  });
+
+  test("learning: a job's measured peaks go to the peak log and correct the next plans for that model and GPU", async () => {
+    const jobs: JobSpec[] = [];
+    class PeakyEngine extends ScriptedEngine {
+      override async generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult> {
+        jobs.push(job);
+        // The denoise phase peaked at 1.5x what any plan for this job predicts (the planner under-counted).
+        return { ...(await super.generate(job, options)), phasePeakVramBytes: { textEncode: 12 * GiB, denoise: 20 * GiB, decode: 14 * GiB } };
+      }
+    }
+    await withTestServer({ engine: () => new PeakyEngine({ devices: [gpu(0, 24)] }) }, async (t) => {
+      const params = { prompt: "p", negativePrompt: "", width: 832, height: 480, frames: 17, steps: 2, guidance: 5, shift: null, seed: 1, fps: null };
+      const before = planOn("wan2.1-t2v-1.3b", params, gpu(0, 24), null);
+      assert.deepEqual(learnedPeaks.correctionsFor("wan2.1-t2v-1.3b", "Fake GPU 24 GB"), {}, "a fresh home has learned nothing");
+      const res = await submit(t.server, { model: "wan2.1-t2v-1.3b", randomWeights: true, prompt: "p", size: "832x480", frames: 17, steps: 2 });
+      const job = await waitForStatus(t.server, res.body.id, ["completed", "failed"]);
+      assert.equal(job.status, "completed", JSON.stringify(job.error));
+      const log = await new PeakLog(join(t.home, "planner", "peaks.jsonl")).read();
+      assert.deepEqual(log.map((r) => r.phase).sort(), ["decode", "denoise", "textEncode"], "one record per phase, in kino's home");
+      assert.ok(log.every((r) => r.model === "wan2.1-t2v-1.3b" && r.hardware === "Fake GPU 24 GB"));
+      const learned = learnedPeaks.correctionsFor("wan2.1-t2v-1.3b", "Fake GPU 24 GB");
+      assert.ok((learned.denoise ?? 1) > 1, `the denoise correction rises: ${JSON.stringify(learned)}`);
+      const after = planOn("wan2.1-t2v-1.3b", params, gpu(0, 24), null);
+      assert.ok(after!.predicted.phases.denoise.vram > before!.predicted.phases.denoise.vram, "the next plan predicts the larger peak");
+      assert.deepEqual(after!.corrections, learned, "admission and runs plan with the learned corrections");
     });
   });
 

@@ -116,3 +116,39 @@ export class PeakLog {
     await appendFile(this.path, records.map((r) => JSON.stringify(r)).join("\n") + "\n");
   }
 }
+
+/**
+ * The peak log held in memory for a long-running process (`kino serve`), whose planning is
+ * synchronous: `attach` reads the log once, `correctionsFor` answers from memory, `record` adds a
+ * run's peaks to memory and appends them to the log (the same file `kino generate` uses, so both
+ * learn from each other's runs). Detached, it learns in memory only.
+ */
+export class LearnedPeaks {
+  #records: PeakRecord[] = [];
+  #log: PeakLog | null = null;
+
+  /** Reads `log` (a torn or missing file is no records) and persists what is recorded from now on. */
+  async attach(log: PeakLog): Promise<void> {
+    this.#records = await log.read().catch(() => []);
+    this.#log = log;
+  }
+
+  detach(): void {
+    this.#records = [];
+    this.#log = null;
+  }
+
+  correctionsFor(model: string, hardware: string): PhaseCorrections {
+    return corrections(this.#records, model, hardware);
+  }
+
+  /** A run's measured peaks against the plan it executed; the log write's failure is reported, the memory keeps them. */
+  async record(plan: Plan, measured: Partial<Record<PlanPhase, number>>): Promise<void> {
+    const records = peakRecords(plan, measured);
+    this.#records.push(...records);
+    await this.#log?.append(records);
+  }
+}
+
+/** This process's learned peaks (kino serve attaches the peak log at start). */
+export const learnedPeaks = new LearnedPeaks();

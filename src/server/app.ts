@@ -29,6 +29,7 @@ import { jobRoutes } from "./routes/jobs.ts";
 import { planRoutes } from "./routes/plan.ts";
 import { systemRoutes } from "./routes/system.ts";
 import { videoRoutes } from "./routes/video.ts";
+import { learnedPeaks, PeakLog } from "../planner/learn.ts";
 import { Scheduler } from "./scheduler/scheduler.ts";
 import type { SlotEngineFactory } from "./scheduler/slot.ts";
 import type { MakeTiny } from "./scheduler/tiny-model.ts";
@@ -94,6 +95,8 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
       logger.warn(`the last server stopped while jobs ran: ${recovered.requeued.length} requeued, ${recovered.failed.length} failed (interrupted twice)`);
     }
   }
+  // Peaks measured by earlier runs on this machine (kino generate's and serve's) correct admission's and the runs' plans.
+  await learnedPeaks.attach(new PeakLog(join(config.home, "planner", "peaks.jsonl")));
   const scheduler = new Scheduler({
     journal,
     clock,

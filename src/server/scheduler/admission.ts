@@ -18,6 +18,7 @@ import { KinoError, toKinoError } from "../../errors.ts";
 import type { DeviceInfo } from "../../protocol/engine.ts";
 import { GiB, reportedProfile, type HardwareProfile } from "../../planner/hardware.ts";
 import { modelManifest } from "../../planner/manifest.ts";
+import { learnedPeaks } from "../../planner/learn.ts";
 import { measuredProfiles } from "../../planner/probe-cache.ts";
 import { activationBytes, DEFAULT_MARGIN, DENOISE_OVERHEAD, plan, smallestVramBudget, type Plan, type PlanRequest } from "../../planner/plan.ts";
 import type { JobParams } from "../schemas.ts";
@@ -45,12 +46,14 @@ export function planOn(modelId: string | null, params: JobParams, gpu: DeviceInf
   const hardware = hardwareFor(gpu, hostRamBytes);
   const manifest = modelManifest(model.id, model.architecture);
   const request: PlanRequest = { width: params.width, height: params.height, frames: params.frames, steps: params.steps, guidance: params.guidance };
+  // The peaks this server's runs (and kino generate's) measured for this model on this GPU correct the prediction.
+  const budget = { margin, corrections: learnedPeaks.correctionsFor(manifest.id, hardware.name) };
   try {
-    return plan(manifest, hardware, request, { margin });
+    return plan(manifest, hardware, request, budget);
   } catch (err) {
     const e = toKinoError(err);
     if (e.code !== "INFEASIBLE" || e.field !== "vram") throw e;
-    const need = smallestVramBudget(manifest, hardware, request, { margin }) / GiB;
+    const need = smallestVramBudget(manifest, hardware, request, budget) / GiB;
     throw new KinoError(
       "INFEASIBLE",
       `${model.id} at ${params.width}x${params.height}x${params.frames} does not fit on ${gpu.name}, which has ` +

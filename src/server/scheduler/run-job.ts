@@ -25,6 +25,7 @@ import type { StoredArtifact, StoredJob } from "../jobs/store.ts";
 import { artifactView } from "../jobs/view.ts";
 import type { ErrorInfo, JobResult } from "../schemas.ts";
 import { describeDecode, describePlacement, type Plan } from "../../planner/plan.ts";
+import { learnedPeaks } from "../../planner/learn.ts";
 import { planOn } from "./admission.ts";
 import { jobSpecFor, modelIdentity, modelSpecFor, sameLoad } from "./model-spec.ts";
 import { batchKeepAlive, batchOomRetryReason, decideOomRetry, isEngineFailure } from "./policy.ts";
@@ -171,7 +172,12 @@ async function generateWithOomRetry(m: Member, slot: EngineSlot, deps: RunJobDep
     await ensureLoaded([m], slot, plan, deps);
     throwIfAborted(m.signal);
     try {
-      return await slot.generate(jobSpecFor(submission, m.partial, plan), { signal: m.signal, onEvent: progressOf(id, deps) });
+      const result = await slot.generate(jobSpecFor(submission, m.partial, plan), { signal: m.signal, onEvent: progressOf(id, deps) });
+      if (plan !== null && result.phasePeakVramBytes != null) {
+        // A job run alone measured its plan's peaks: they correct the next plans (planner/learn.ts).
+        await learnedPeaks.record(plan, result.phasePeakVramBytes).catch((e: Error) => deps.logger.warn(`job ${id}: could not record the measured peaks: ${e.message}`));
+      }
+      return result;
     } catch (err) {
       const error = toKinoError(err);
       if (error.code !== "OOM" || m.signal.aborted) throw err;
