@@ -185,6 +185,27 @@ describe("engines and GPUs", () => {
     });
   });
 
+  test("ps: the running job's device memory at its last step, from the engine's step events; null once idle", async () => {
+    let proceed!: () => void;
+    const gate = new Promise<void>((resolve) => (proceed = resolve));
+    class SteppingEngine extends ScriptedEngine {
+      override async generate(job: JobSpec, options?: RequestOptions): Promise<GenerateResult> {
+        options?.onEvent?.({ kind: "step", i: 1, n: job.steps, ms: 5, vramBytes: 7 * GiB, ramBytes: GiB });
+        await gate;
+        return super.generate(job, options);
+      }
+    }
+    await withTestServer({ engine: () => new SteppingEngine({ devices: [gpu(0, 24)] }) }, async (t) => {
+      const res = await submit(t.server, { model: "wan2.1-t2v-1.3b", randomWeights: true, prompt: "p", size: "832x480", frames: 17, steps: 2 });
+      assert.equal(res.status, 202, JSON.stringify(res.body));
+      await eventually(async () => (await ps(t))[0]!.vramInUseBytes === 7 * GiB, "ps shows the step's device memory while the job runs");
+      proceed();
+      await waitForStatus(t.server, res.body.id, ["completed"]);
+      await eventually(async () => (await ps(t))[0]!.state === "ready", "ready");
+      assert.equal((await ps(t))[0]!.vramInUseBytes, null, "idle: no live use");
+    });
+  });
+
   test("an OOM that comes back fails the job with OOM after one retry; the engine serves the next job", async () => {
     let engine!: ScriptedEngine;
     await withTestServer({ engine: () => (engine = new ScriptedEngine({ ooms: 2 })) }, async (t) => {

@@ -246,6 +246,8 @@ export const EngineStatus = z.object({
   vramBytes: z.number().int().nullable(),
   /** Peak device memory of the last job on this engine (the protocol has no live query); null on the CPU. */
   lastJobPeakVramBytes: z.number().int().nullable(),
+  /** Device memory allocated at the running job's last denoising step (from the engine's step events); null when idle, before the first step, or on the CPU. */
+  vramInUseBytes: z.number().int().nullable(),
   keepAliveExpiresAt: Timestamp.nullable(),
   restarts: z.number().int(),
   error: z.string().nullable(),

@@ -48,6 +48,8 @@ export class EngineSlot {
   #jobIds: readonly string[] = [];
   #weightBytes: number | null = null;
   #peakBytes: number | null = null;
+  /** Device memory the running job held at its last denoising step (the engine's step events); null when idle. */
+  #liveBytes: number | null = null;
   #expiresAt: number | null = null;
   /** The pending keep-alive expiry or restart backoff. */
   #cancelTimer: (() => void) | null = null;
@@ -102,6 +104,7 @@ export class EngineSlot {
       jobIds: [...this.#jobIds],
       vramBytes: this.#loaded === null ? null : this.#weightBytes,
       lastJobPeakVramBytes: this.#peakBytes,
+      vramInUseBytes: this.#activity === "idle" ? null : this.#liveBytes,
       keepAliveExpiresAt: this.#expiresAt === null ? null : new Date(this.#expiresAt).toISOString(),
       restarts: this.#restarts,
       error: this.#error,
@@ -183,7 +186,7 @@ export class EngineSlot {
   }
 
   async generate(job: JobSpec, options: { onEvent?: (event: EngineEvent) => void; signal?: AbortSignal }): Promise<GenerateResult> {
-    const result = await this.#running().generate(job, options);
+    const result = await this.#running().generate(job, { ...options, onEvent: this.#watching(options.onEvent) });
     this.#peakBytes = result.peakVramBytes;
     return result;
   }
@@ -192,7 +195,7 @@ export class EngineSlot {
   generateBatch(jobs: readonly BatchJobOptions[]): Promise<GenerateResult>[] {
     let answers: Promise<GenerateResult>[];
     try {
-      answers = this.#running().generateBatch(jobs);
+      answers = this.#running().generateBatch(jobs.map((j) => ({ ...j, onEvent: this.#watching(j.onEvent) })));
     } catch (err) {
       return jobs.map(() => Promise.reject(err));
     }
@@ -204,12 +207,21 @@ export class EngineSlot {
     );
   }
 
+  /** `onEvent`, also keeping the device memory a step event reports as the engine's live use. */
+  #watching(onEvent?: (event: EngineEvent) => void): (event: EngineEvent) => void {
+    return (event) => {
+      if (event.kind === "step" && event.vramBytes !== null) this.#liveBytes = event.vramBytes;
+      onEvent?.(event);
+    };
+  }
+
   /**
    * Frees the slot after a job and arms the model's keep-alive: > 0 ms unloads after that long idle,
    * 0 unloads now, < 0 never.
    */
   release(keepAliveMs: number): void {
     this.#jobIds = [];
+    this.#liveBytes = null;
     this.#activity = "idle";
     if (this.#life === "up" && this.#loaded !== null) {
       if (keepAliveMs === 0) {
