@@ -3,18 +3,13 @@ message received validated against src/protocol/engine.schema.json (Draft 2020-1
 
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from typing import Any
 
 from conftest import engine_env
 from jsonschema import Draft202012Validator
-
-PROTOCOL_FD = 3
+from kino_engine.worker_pipe import WorkerPipe
 
 
 class WorkerProcess:
@@ -24,27 +19,12 @@ class WorkerProcess:
         self.result_validators = {k: Draft202012Validator(v) for k, v in schema["results"].items()}
         self.messages: list[dict] = []  # every message received, in order
         self._types: dict[str, str] = {}  # request id -> type, to pick the result schema
-        self._buffer = b""
-        ours, theirs = socket.socketpair()
-        self.socket = ours
         self.stderr = tempfile.TemporaryFile()
         self.stdout = tempfile.TemporaryFile()
-        # The worker's end must be fd 3 exactly, as Node arranges it: a small launcher moves it there
-        # (dup2 leaves it inheritable) and execs the worker, with nothing else of ours open.
-        child_fd = theirs.fileno()
-        launcher = (
-            "import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); fd != 3 and os.close(fd); "
-            "os.execv(sys.executable, [sys.executable, '-m', 'kino_engine.worker'])"
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", launcher, str(child_fd)],
-            env=engine_env(KINO_PROTOCOL_FD=str(PROTOCOL_FD)),
-            stdin=subprocess.DEVNULL,
-            stdout=self.stdout,
-            stderr=self.stderr,
-            pass_fds=(child_fd,),
-        )
-        theirs.close()
+        # The worker's end is fd 3 exactly, as Node arranges it (the engine's own client starts it).
+        self.pipe = WorkerPipe(engine_env(), stdout=self.stdout, stderr=self.stderr)
+        self.socket = self.pipe.socket
+        self.process = self.pipe.process
 
     # ---- sending ----
 
@@ -53,24 +33,18 @@ class WorkerProcess:
             errors = list(self.request_validator.iter_errors(request))
             assert not errors, f"the test sent a request the schema refuses: {errors[0].message}"
             self._types[request["id"]] = request["type"]
-        self.send_raw(json.dumps(request).encode() + b"\n")
+        self.pipe.send(request)
 
     def send_raw(self, data: bytes) -> None:
-        self.socket.sendall(data)
+        self.pipe.send_raw(data)
 
     # ---- receiving ----
 
     def receive(self, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no message from the worker within {timeout}s; stderr:\n{self.stderr_text()}"
-            self.socket.settimeout(remaining)
-            chunk = self.socket.recv(1 << 16)
-            assert chunk, f"the worker closed the protocol socket; stderr:\n{self.stderr_text()}"
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        message = json.loads(line)
+        try:
+            _, message = self.pipe.receive(timeout)
+        except (TimeoutError, ConnectionError) as exc:
+            raise AssertionError(f"{exc}; stderr:\n{self.stderr_text()}") from None
         self._validate(message)
         self.messages.append(message)
         return message
