@@ -141,9 +141,17 @@ export interface Provenance {
   readonly dirty: boolean | null;
 }
 
+/** `input` parsed by `schema`; the first problem is an INVALID_ARGUMENT naming its option (the CLI shows it as the flag). */
+export function parseOptions<S extends z.ZodType>(schema: S, input: unknown): z.output<S> {
+  const parsed = schema.safeParse(input);
+  if (parsed.success) return parsed.data;
+  const issue = parsed.error.issues[0];
+  throw new KinoError("INVALID_ARGUMENT", issue?.message ?? "invalid options", { field: issue?.path.map(String).join(".") || null });
+}
+
 /** The engine spec for `options`: the catalog architecture with random weights and the model's defaults. */
 export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpec {
-  const o = BenchOptions.parse(input);
+  const o = parseOptions(BenchOptions, input);
   return BenchSpec.parse({
     ...randomRun(o),
     warmupSteps: o.warmupSteps,
@@ -177,7 +185,7 @@ function plannedCfg(o: z.output<typeof BenchOptions>): "auto" | "batched" | "seq
 
 /** The model (a catalog architecture with random weights) and the job (the model's defaults under the options). */
 export function randomRun(input: RandomRunOptions): { model: ModelSpec; job: RunJob } {
-  const o = RandomRunOptions.parse(input);
+  const o = parseOptions(RandomRunOptions, input);
   const model = findCatalogModel(o.model);
   if (model === undefined) {
     throw new KinoError("UNKNOWN_MODEL", `"${o.model}" is not in the catalog; known: ${catalogIds().join(", ")}`, { field: "model" });

@@ -17,7 +17,7 @@ import { jobFieldsOf, memorySpecOf } from "../planner/execute.ts";
 import { findHardwarePreset, HARDWARE_PRESETS } from "../planner/hardware.ts";
 import { modelManifest } from "../planner/manifest.ts";
 import { plan, type MemoryLevel, type Plan } from "../planner/plan.ts";
-import { gpuSlug, ProvenanceSchema, randomRun, RandomRunOptions, readToolAnswer, RunJob, runSpecTool, writeRecord, type Provenance } from "./bench.ts";
+import { gpuSlug, parseOptions, ProvenanceSchema, randomRun, RandomRunOptions, readToolAnswer, RunJob, runSpecTool, writeRecord, type Provenance } from "./bench.ts";
 import { parseByteSize } from "./plan.ts";
 
 export const MemoryBenchOptions = RandomRunOptions.extend({
@@ -143,7 +143,7 @@ function predictedOf(p: Plan): z.infer<typeof Predicted> {
 
 /** Plans each budget and builds the engine's spec (and the list of refused budgets). */
 export function memoryBenchSpec(input: MemoryBenchOptions, provenance: Provenance): MemoryBenchSpec {
-  const o = MemoryBenchOptions.parse(input);
+  const o = parseOptions(MemoryBenchOptions, input);
   if (o.budgets.length === 0 && o.levels.length === 0) {
     throw new KinoError("INVALID_ARGUMENT", "give at least one VRAM budget (--budgets) or memory level (--levels)", { field: "budgets" });
   }

@@ -16,7 +16,7 @@ import type { KinoConfig } from "../config/config.ts";
 import { runEngineTool, type ToolOptions } from "../engine/tools.ts";
 import { KinoError } from "../errors.ts";
 import { ModelSpec, RuntimeSpec } from "../protocol/engine.ts";
-import { ProvenanceSchema, RandomRunOptions, randomRun, RunJob, type Provenance } from "./bench.ts";
+import { parseOptions, ProvenanceSchema, RandomRunOptions, randomRun, RunJob, type Provenance } from "./bench.ts";
 
 export const ProfileOptions = RandomRunOptions.extend({
   /** Steps of the untimed warm-up generation (same prompts: the profiled one is a warm request). @default 1 */
@@ -87,7 +87,7 @@ export type ProfileRaw = z.infer<typeof ProfileRaw>;
 
 /** The engine spec for `options`: the same model and job `kino bench` would run. */
 export function profileSpec(input: ProfileOptions, provenance: Provenance): ProfileSpec {
-  const o = ProfileOptions.parse(input);
+  const o = parseOptions(ProfileOptions, input);
   const { model, job } = randomRun(o);
   const runtime = { cfg: "auto", attention: o.attention, compile: o.compile, cacheDir: o.cacheDir } as const;
   return ProfileSpec.parse({ model: { ...model, runtime }, job, warmupSteps: o.warmupSteps, provenance });

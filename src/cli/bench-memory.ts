@@ -1,7 +1,5 @@
 /** `kino bench-memory`: one random-weight model under several VRAM budgets, each planned, run and compared with its prediction. */
-import { join, resolve } from "node:path";
 import { Command } from "commander";
-import { gitProvenance } from "../api/bench.ts";
 import {
   memoryBenchReport,
   memoryBenchSpec,
@@ -12,10 +10,11 @@ import {
 } from "../api/memory-bench.ts";
 import type { CliContext } from "./context.ts";
 import { integerFlag } from "./flags.ts";
-import { bytes } from "./format.ts";
-import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from "./job-flags.ts";
+import { bytes, formatTable } from "./format.ts";
+import { addRandomRunOptions, randomRun, type RandomRunFlags } from "./job-flags.ts";
+import { addMeasureOptions, runMeasurement, runtimeFlags, type MeasureFlags } from "./measure.ts";
 
-interface BenchMemoryFlags extends RandomRunFlags {
+interface BenchMemoryFlags extends RandomRunFlags, MeasureFlags {
   budgets: string;
   levels?: string;
   ram?: string;
@@ -23,34 +22,26 @@ interface BenchMemoryFlags extends RandomRunFlags {
   timedSteps?: string;
   resident: boolean;
   compile: boolean;
-  specOnly?: boolean;
-  from?: string;
-  record?: string;
-  json?: boolean;
 }
 
 export function benchMemoryCommand(ctx: CliContext): Command {
   const command = new Command("bench-memory").description(
     "run a random-weight model under each VRAM budget as the planner plans it, and compare every phase's peak and time with the prediction",
   );
-  return addRandomRunOptions(command, "untimed denoising steps per budget", "1")
+  addRandomRunOptions(command, "untimed denoising steps per budget", "1")
     .option("--budgets <list>", "comma-separated VRAM budgets", "8GB,12GB,16GB,24GB,48GB,80GB")
     .option("--levels <list>", "comma-separated memory-level presets (0..3) to run as well, e.g. 0,1,2,3")
     .option("--gpu <profile>", "the hardware profile to plan for", "h100-80gb")
     .option("--ram <size>", "plan the budgets under this host RAM, e.g. 8GB (below the weights, the transformer streams from disk)")
     .option("--timed-steps <n>", "timed denoising steps per budget (median reported)", "2")
     .option("--no-resident", "skip the all-resident reference case")
-    .option("--no-compile", "without regional torch.compile (on by default on cuda)")
-    .option("--spec-only", "print the engine spec (for python -m kino_engine.memory_bench --spec FILE) and stop")
-    .option("--from <raw.json>", "record a result measured elsewhere by python -m kino_engine.memory_bench")
-    .option("--record <dir>", "write the report as JSON into this folder (e.g. docs/benchmarks)")
-    .option("--json", "print the report as JSON on stdout")
-    .action(async (flags: BenchMemoryFlags) => {
-      let raw;
-      if (flags.from !== undefined) {
-        raw = await readMemoryRaw(resolve(ctx.cwd, flags.from));
-      } else {
-        const spec = memoryBenchSpec(
+    .option("--no-compile", "without regional torch.compile (on by default on cuda)");
+  return addMeasureOptions(command, "kino_engine.memory_bench").action((flags: BenchMemoryFlags) =>
+    runMeasurement(ctx, flags, {
+      name: "bench-memory",
+      logPrefix: "[memory-bench]",
+      spec: (provenance) =>
+        memoryBenchSpec(
           {
             ...randomRun(flags),
             budgets: flags.budgets.split(",").map((b) => b.trim()).filter((b) => b !== ""),
@@ -59,26 +50,17 @@ export function benchMemoryCommand(ctx: CliContext): Command {
             ram: flags.ram,
             timedSteps: integerFlag(flags.timedSteps, "timedSteps"),
             resident: flags.resident,
-            compile: ctx.argv.includes("--no-compile") ? false : undefined,
-            cacheDir: join(ctx.config.cache, "runtime"),
+            ...runtimeFlags(ctx),
           },
-          { command: commandLine(ctx.argv, "bench-memory"), ...(await gitProvenance(ctx.config.repoRoot)) },
-        );
-        if (flags.specOnly) return ctx.io.stdout(JSON.stringify(spec) + "\n");
-        raw = await runMemoryBench(ctx.config, spec, {
-          signal: ctx.signal,
-          logger: ctx.logger,
-          onStderrLine: (line) => line.startsWith("[memory-bench]") && ctx.io.stderr(line + "\n"),
-        });
-      }
-      const report = memoryBenchReport(raw);
-      if (flags.record !== undefined) {
-        const path = await recordMemoryBench(report, resolve(ctx.cwd, flags.record));
-        ctx.io.stderr(`kino: recorded ${path}\n`);
-      }
-      ctx.io[flags.json ? "stderr" : "stdout"](formatMemoryBench(report));
-      if (flags.json) ctx.io.stdout(JSON.stringify(report) + "\n");
-    });
+          provenance,
+        ),
+      run: runMemoryBench,
+      readRaw: readMemoryRaw,
+      report: memoryBenchReport,
+      record: recordMemoryBench,
+      format: formatMemoryBench,
+    }),
+  );
 }
 
 /** One row per budget: placement, peak predicted/measured, s/step predicted/measured, vs resident. */
@@ -103,15 +85,12 @@ export function formatMemoryBench(report: MemoryBenchReport): string {
     b(c.peakRam.measured),
     c.oom ?? "no",
   ]);
-  const widths = head.map((_, i) => Math.max(...[head, ...rows].map((r) => r[i]!.length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ") + "\n";
   const placements = report.comparisons.map((c) => `  ${c.label}: ${c.placement}\n`);
   const refused = spec.infeasible.map((i) => `  ${i.label}: refused by the planner: ${i.message}\n`);
   const same = spec.duplicates.map((d) => `  ${d.label}: the same plan as ${d.sameAs} (not run again)\n`);
   return [
     `${spec.model.name} (random weights) ${spec.job.width}x${spec.job.height}x${spec.job.frames}, planned for ${spec.hardware}, measured on ${report.raw.environment.gpu ?? "cpu"}\n`,
-    line(head),
-    ...rows.map(line),
+    formatTable(head, rows),
     ...placements,
     ...refused,
     ...same,

@@ -1,10 +1,8 @@
 /** `kino bench`: measure kino against diffusers in one run on this machine's GPU, and record it. */
-import { join, resolve } from "node:path";
 import { Command, Option } from "commander";
 import {
   benchReport,
   benchSpec,
-  gitProvenance,
   readRaw,
   recordBench,
   runBench,
@@ -13,67 +11,52 @@ import {
 } from "../api/bench.ts";
 import type { CliContext } from "./context.ts";
 import { integerFlag } from "./flags.ts";
-import { bytes } from "./format.ts";
-import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from "./job-flags.ts";
+import { bytes, formatTable } from "./format.ts";
+import { addRandomRunOptions, randomRun, type RandomRunFlags } from "./job-flags.ts";
+import { addMeasureOptions, runMeasurement, runtimeFlags, type MeasureFlags } from "./measure.ts";
 
-interface BenchFlags extends RandomRunFlags {
+interface BenchFlags extends RandomRunFlags, MeasureFlags {
   generations?: string;
   reference: boolean;
   compiledReference: boolean;
   attention?: string;
   cfg?: string;
   compile: boolean;
-  specOnly?: boolean;
-  from?: string;
-  record?: string;
-  json?: boolean;
 }
 
 export function benchCommand(ctx: CliContext): Command {
   const command = new Command("bench").description("time kino against diffusers' WanPipeline on the same random-weight model, in one run");
-  return addRandomRunOptions(command, "steps of each system's untimed warm-up generation", "2")
+  addRandomRunOptions(command, "steps of each system's untimed warm-up generation", "2")
     .option("--generations <n>", "timed generations per system", "1")
     .option("--no-reference", "do not measure diffusers as it comes")
     .option("--no-compiled-reference", "do not measure diffusers with regional compile and the fastest attention")
     .addOption(new Option("--attention <name>", "kino's attention backend (auto measures once per GPU and shape)").choices(["auto", "default", "cudnn", "flash", "efficient", "math"]))
     .addOption(new Option("--cfg <mode>", "kino's guidance: one batch-2 forward or two").choices(["auto", "batched", "sequential"]))
-    .option("--no-compile", "kino without regional torch.compile (on by default on cuda)")
-    .option("--spec-only", "print the engine spec (for python -m kino_engine.bench --spec FILE) and stop")
-    .option("--from <raw.json>", "record a result measured elsewhere by python -m kino_engine.bench")
-    .option("--record <dir>", "write the report as JSON into this folder (e.g. docs/benchmarks)")
-    .option("--json", "print the report as JSON on stdout")
-    .action(async (flags: BenchFlags) => {
-      let raw;
-      if (flags.from !== undefined) {
-        raw = await readRaw(resolve(ctx.cwd, flags.from));
-      } else {
+    .option("--no-compile", "kino without regional torch.compile (on by default on cuda)");
+  return addMeasureOptions(command, "kino_engine.bench").action((flags: BenchFlags) =>
+    runMeasurement(ctx, flags, {
+      name: "bench",
+      logPrefix: "[bench]",
+      spec: (provenance) => {
         const options: BenchOptions = {
           ...randomRun(flags),
           generations: integerFlag(flags.generations, "generations"),
           reference: flags.reference,
           // commander sets negatable flags to true when absent: only an explicit --no-… overrides the device default.
           compiledReference: ctx.argv.includes("--no-compiled-reference") ? false : undefined,
-          compile: ctx.argv.includes("--no-compile") ? false : undefined,
           attention: flags.attention as BenchOptions["attention"],
           cfg: flags.cfg as BenchOptions["cfg"],
-          cacheDir: join(ctx.config.cache, "runtime"),
+          ...runtimeFlags(ctx),
         };
-        const spec = benchSpec(options, { command: commandLine(ctx.argv, "bench"), ...(await gitProvenance(ctx.config.repoRoot)) });
-        if (flags.specOnly) return ctx.io.stdout(JSON.stringify(spec) + "\n");
-        raw = await runBench(ctx.config, spec, {
-          signal: ctx.signal,
-          logger: ctx.logger,
-          onStderrLine: (line) => line.startsWith("[bench]") && ctx.io.stderr(line + "\n"),
-        });
-      }
-      const report = benchReport(raw);
-      if (flags.record !== undefined) {
-        const path = await recordBench(report, resolve(ctx.cwd, flags.record));
-        ctx.io.stderr(`kino: recorded ${path}\n`);
-      }
-      ctx.io[flags.json ? "stderr" : "stdout"](formatBenchSummary(report));
-      if (flags.json) ctx.io.stdout(JSON.stringify(report) + "\n");
-    });
+        return benchSpec(options, provenance);
+      },
+      run: runBench,
+      readRaw,
+      report: benchReport,
+      record: recordBench,
+      format: formatBenchSummary,
+    }),
+  );
 }
 
 /** A table of kino vs diffusers with ratios (< 1: kino takes less). */
@@ -97,12 +80,9 @@ export function formatBenchSummary(report: BenchReport): string {
     if (entry.floor === undefined) continue;
     rows.push([`${label} / floor (${s(entry.floor)})`, r(entry.kinoOverFloor ?? null), r(entry.diffusersOverFloor ?? null), r(entry.diffusersCompiledOverFloor ?? null), "", ""]);
   }
-  const widths = head.map((_, i) => Math.max(...[head, ...rows].map((row) => row[i]!.length)));
-  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join("  ") + "\n";
   return [
     `${spec.model.name} (random weights, ${spec.model.dtype}) ${job.width}x${job.height}x${job.frames}, ${job.steps} steps, guidance ${job.guidance}\n`,
     `${env.gpu ?? "cpu"} · torch ${env.torch} · diffusers ${env.diffusers} · ${report.videoTokens} video tokens\n`,
-    line(head),
-    ...rows.map(line),
+    formatTable(head, rows),
   ].join("");
 }

@@ -54,3 +54,12 @@ export function formatError(error: KinoError, debug: boolean): string {
   }
   return lines.join("\n") + "\n";
 }
+
+/** Rows under a header, columns padded to their widest cell: the first left-aligned, the others right-aligned. */
+export function formatTable(head: readonly string[], rows: readonly (readonly string[])[]): string {
+  const all = [head, ...rows];
+  const widths = head.map((_, i) => Math.max(...all.map((row) => (row[i] ?? "").length)));
+  const line = (row: readonly string[]) =>
+    widths.map((w, i) => (i === 0 ? (row[i] ?? "").padEnd(w) : (row[i] ?? "").padStart(w))).join("  ").trimEnd() + "\n";
+  return all.map(line).join("");
+}

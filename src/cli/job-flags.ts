@@ -20,12 +20,22 @@ export interface JobShape {
   seed: number | undefined;
 }
 
+/** What the help of --size, --frames and --steps says their default is. */
+export interface ShapeDefaults {
+  readonly size: string;
+  readonly frames: string;
+  readonly steps: string;
+}
+
+/** The model's own defaults (Wan 2.1 at 480p). */
+export const MODEL_SHAPE_DEFAULTS: ShapeDefaults = { size: "the model's, 832x480", frames: "the model's, 81", steps: "the model's, 50" };
+
 /** Adds --size, --frames, --steps, --guidance, --shift and --seed (whose default each command states). */
-export function addJobShapeOptions(command: Command, seedHelp: string): Command {
+export function addJobShapeOptions(command: Command, seedHelp: string, defaults: ShapeDefaults = MODEL_SHAPE_DEFAULTS): Command {
   return command
-    .option("--size <WxH>", "width x height, multiples of 16 (default: the model's, 832x480)")
-    .option("--frames <n>", "number of frames, 4k+1 (default: the model's, 81)")
-    .option("--steps <n>", "denoising steps (default: the model's, 50)")
+    .option("--size <WxH>", `width x height, multiples of 16 (default: ${defaults.size})`)
+    .option("--frames <n>", `number of frames, 4k+1 (default: ${defaults.frames})`)
+    .option("--steps <n>", `denoising steps (default: ${defaults.steps})`)
     .option("--guidance <x>", "classifier-free guidance scale, 0 for none (default 5)")
     .option("--shift <x>", "flow shift of the scheduler (default 3, for 480p)")
     .option("--seed <n>", seedHelp);
@@ -52,10 +62,13 @@ export interface RandomRunFlags extends JobShapeFlags {
   warmupSteps?: string;
 }
 
-/** Adds --model (a catalog architecture), the job shape, --prompt, --device, --dtype and --warmup-steps. */
-export function addRandomRunOptions(command: Command, warmupHelp: string, warmupDefault: string): Command {
+/**
+ * Adds --model (a catalog architecture), the job shape, --prompt, --device, --dtype and --warmup-steps
+ * (`warmupDefault` undefined: the command's own default, which `warmupHelp` states).
+ */
+export function addRandomRunOptions(command: Command, warmupHelp: string, warmupDefault: string | undefined, shape?: ShapeDefaults): Command {
   command.option("--model <id>", "a catalog id with an architecture (random weights)", "wan2.1-t2v-1.3b");
-  return addJobShapeOptions(command, "random seed (default 42)")
+  return addJobShapeOptions(command, "random seed (default 42)", shape)
     .option("--prompt <text>", "prompt")
     .option("--device <device>", "cuda or cpu", "cuda")
     .option("--dtype <dtype>", "bf16, fp16 or fp32", "bf16")

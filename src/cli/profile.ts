@@ -4,6 +4,7 @@ import { Command, Option } from "commander";
 import { gitProvenance } from "../api/bench.ts";
 import { profileSpec, runProfile, type ProfileOptions, type ProfileRaw } from "../api/profile.ts";
 import type { CliContext } from "./context.ts";
+import { formatTable } from "./format.ts";
 import { addRandomRunOptions, commandLine, randomRun, type RandomRunFlags } from "./job-flags.ts";
 
 interface ProfileFlags extends RandomRunFlags {
@@ -52,7 +53,7 @@ export function formatProfileDigest(raw: ProfileRaw): string {
     `${spec.model.name} (random weights, ${spec.model.dtype}) ${job.width}x${job.height}x${job.frames}, ${job.steps} steps, guidance ${job.guidance}\n`,
     `${raw.environment.gpu ?? "cpu"} · torch ${raw.environment.torch} · prompt cache ${d.promptCache.hits} hit(s), ${d.promptCache.misses} miss(es)\n`,
     "\n",
-    table(
+    formatTable(
       ["time by category", ""],
       [
         ["wall (one warm generation)", ms(c.wallMs)],
@@ -68,7 +69,7 @@ export function formatProfileDigest(raw: ProfileRaw): string {
   if (d.topKernels !== null && d.topKernels.length > 0) {
     out.push(
       "\n",
-      table(
+      formatTable(
         ["top kernels", "calls", "total", "% GPU"],
         d.topKernels.map((k) => [k.name.length > 80 ? `${k.name.slice(0, 77)}...` : k.name, String(k.calls), ms(k.totalMs), `${k.percent.toFixed(1)}%`]),
       ),
@@ -76,7 +77,7 @@ export function formatProfileDigest(raw: ProfileRaw): string {
   }
   out.push(
     "\n",
-    table(
+    formatTable(
       ["step", "time", "host syncs", "scalar reads", "allocs", "cudaMalloc", "retries"],
       d.steps.map((s) => [
         String(s.step),
@@ -92,10 +93,4 @@ export function formatProfileDigest(raw: ProfileRaw): string {
     raw.trace === null ? "\n" : `; trace: ${raw.trace}\n`,
   );
   return out.join("");
-}
-
-function table(head: string[], rows: string[][]): string {
-  const widths = head.map((_, i) => Math.max(...[head, ...rows].map((row) => (row[i] ?? "").length)));
-  const line = (row: string[]) => row.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join("  ").trimEnd() + "\n";
-  return [line(head), ...rows.map(line)].join("");
 }
