@@ -18,6 +18,7 @@ import { createLogger } from "../log.ts";
 import type { CliContext } from "./context.ts";
 import { benchCommand } from "./bench.ts";
 import { benchMemoryCommand } from "./bench-memory.ts";
+import { benchServeCommand } from "./bench-serve.ts";
 import { doctorCommand } from "./doctor.ts";
 import { formatError } from "./format.ts";
 import { generateCommand } from "./generate.ts";
@@ -35,6 +36,7 @@ const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [
   doctorCommand,
   benchCommand,
   benchMemoryCommand,
+  benchServeCommand,
   profileCommand,
   planCommand,
   probeCommand,
