@@ -152,15 +152,16 @@ export function parseOptions<S extends z.ZodType>(schema: S, input: unknown): z.
 /** The engine spec for `options`: the catalog architecture with random weights and the model's defaults. */
 export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpec {
   const o = parseOptions(BenchOptions, input);
+  const run = randomRun(o);
   return BenchSpec.parse({
-    ...randomRun(o),
+    ...run,
     warmupSteps: o.warmupSteps,
     generations: o.generations,
     references: [
       ...(o.reference ? (["diffusers"] as const) : []),
       ...((o.compiledReference ?? o.device === "cuda") ? (["diffusers-compiled"] as const) : []),
     ],
-    kinoRuntime: { cfg: o.cfg === "auto" ? plannedCfg(o) : o.cfg, attention: o.attention, compile: o.compile ?? o.device === "cuda" },
+    kinoRuntime: { cfg: o.cfg === "auto" ? plannedCfg(run) : o.cfg, attention: o.attention, compile: o.compile ?? o.device === "cuda" },
     cacheDir: o.cacheDir,
     provenance,
   });
@@ -171,8 +172,7 @@ export function benchSpec(input: BenchOptions, provenance: Provenance): BenchSpe
  * choice (batched where one sample leaves the GPU underused, two forwards where it is saturated).
  * Without guidance, or when the planner refuses the shape, "auto" is left to the engine (batched).
  */
-function plannedCfg(o: z.output<typeof BenchOptions>): "auto" | "batched" | "sequential" {
-  const { model, job } = randomRun(o);
+function plannedCfg({ model, job }: ReturnType<typeof randomRun>): "auto" | "batched" | "sequential" {
   if (model.source.kind !== "random" || job.guidance <= 1) return "auto";
   try {
     const chosen = plan(modelManifest(model.name, model.source.architecture), H100_80GB, job).cfg;

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.activations import GELU
+from diffusers.models.attention import FeedForward
 from torch._inductor.choices import InductorChoices
 from torch._inductor.runtime.hints import ReductionHint
 
@@ -48,17 +50,9 @@ WIDE_ROW_LIMIT = 8192
 # ---- ffn_gelu ----
 
 
-def _plain_ffn_types() -> tuple[type, ...]:
-    from diffusers.models.attention import FeedForward
-
-    return (FeedForward,)
-
-
 def _gelu_epilogue_ok(ffn: torch.nn.Module) -> bool:
     """A diffusers FeedForward whose first layer is a bias Linear followed by tanh-GELU."""
-    from diffusers.models.activations import GELU
-
-    if type(ffn) not in _plain_ffn_types() or len(ffn.net) != 3:
+    if type(ffn) is not FeedForward or len(ffn.net) != 3:
         return False
     act = ffn.net[0]
     proj = getattr(act, "proj", None)
@@ -71,33 +65,23 @@ def _gelu_epilogue_ok(ffn: torch.nn.Module) -> bool:
     )
 
 
-def _make_gelu_epilogue_class(base: type) -> type:
-    class GeluEpilogueFeedForward(base):  # type: ignore[misc, valid-type]
-        """diffusers' FeedForward with its up-projection and tanh-GELU as one GEMM (GELU epilogue)."""
+class GeluEpilogueFeedForward(FeedForward):
+    """diffusers' FeedForward with its up-projection and tanh-GELU as one GEMM (GELU epilogue)."""
 
-        def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            proj = self.net[0].proj
-            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-            inner = torch._addmm_activation(proj.bias, flat, proj.weight.t(), use_gelu=True)
-            inner = self.net[1](inner.view(*hidden_states.shape[:-1], inner.shape[-1]))  # dropout (identity)
-            return self.net[2](inner)
-
-    GeluEpilogueFeedForward.__kino_plain_class__ = base  # type: ignore[attr-defined]
-    return GeluEpilogueFeedForward
-
-
-_GELU_CLASSES: dict[type, type] = {}
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        proj = self.net[0].proj
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        inner = torch._addmm_activation(proj.bias, flat, proj.weight.t(), use_gelu=True)
+        inner = self.net[1](inner.view(*hidden_states.shape[:-1], inner.shape[-1]))  # dropout (identity)
+        return self.net[2](inner)
 
 
 def _fuse_ffn(module: torch.nn.Module) -> None:
-    base = type(module)
-    if base not in _GELU_CLASSES:
-        _GELU_CLASSES[base] = _make_gelu_epilogue_class(base)
-    module.__class__ = _GELU_CLASSES[base]
+    module.__class__ = GeluEpilogueFeedForward
 
 
 def _unfuse_ffn(module: torch.nn.Module) -> None:
-    module.__class__ = type(module).__kino_plain_class__  # type: ignore[attr-defined]
+    module.__class__ = FeedForward
 
 
 # ---- rope ----
@@ -217,7 +201,6 @@ def _default_choices() -> Iterator[None]:
 class Fusions:
     """What `fuse` applied to one transformer; `disabled()` undoes it for the length of a context."""
 
-    kinds: tuple[str, ...]
     ffn: list[torch.nn.Module] = field(default_factory=list)
     attn: list[torch.nn.Module] = field(default_factory=list)
     active: bool = True
@@ -263,7 +246,7 @@ def fuse(transformer: torch.nn.Module, device: torch.device, kinds: tuple[str, .
     if unknown:
         raise ValueError(f"fuse: unknown fusions {sorted(unknown)}; known: {KINDS}")
     cuda = device.type == "cuda"
-    fusions = Fusions(tuple(kinds))
+    fusions = Fusions()
     for module in transformer.modules():
         if "ffn_gelu" in kinds and cuda and _gelu_epilogue_ok(module):
             _fuse_ffn(module)

@@ -76,26 +76,25 @@ class StepTimer:
         stop = torch.cuda.Event(enable_timing=True)
         stop.record()
         self._pending.append((index, self._begin[0], stop))
-        self._drain(wait=False)
-        while len(self._pending) > self.max_ahead:
-            # The GPU still has max_ahead steps queued behind this one: waiting here idles the host, not
-            # the GPU. It polls the oldest end event instead of cudaEventSynchronize, so the loop makes
-            # no host synchronization at all (a profile counts none), at the cost of <= POLL_S of lag.
-            while not self._pending[0][2].query():
-                time.sleep(POLL_S)
-            self._drain(wait=False)
+        # With more than max_ahead steps in flight the host waits for the oldest, while the GPU still
+        # has max_ahead steps queued behind it: that idles the host, not the GPU.
+        self._drain(keep=self.max_ahead)
 
     def finish(self) -> None:
-        """Report the steps still in flight (waits for them, polling: the loop is over)."""
-        self._drain(wait=True)
+        """Report the steps still in flight (waits for them: the loop is over)."""
+        self._drain(keep=0)
 
-    def _drain(self, wait: bool) -> None:
+    def _drain(self, keep: int) -> None:
+        """Report the finished steps in order, waiting for the oldest until at most `keep` are in flight.
+
+        It waits by polling the end event (`query()` and a POLL_S sleep), not cudaEventSynchronize, so
+        the loop makes no host synchronization at all, at the cost of <= POLL_S of lag."""
         while self._pending:
             index, start, stop = self._pending[0]
             if not stop.query():
-                if not wait:
+                if len(self._pending) <= keep:
                     return
-                while not stop.query():  # polled, not cudaEventSynchronize: no host sync even here
+                while not stop.query():
                     time.sleep(POLL_S)
             self._pending.pop(0)
             self._report(index, start.elapsed_time(stop))
