@@ -3,7 +3,7 @@
 Order: every job is checked (geometry, outputs; one that fails is answered at once and left out);
 their prompts are encoded (text_encode, through the prompt cache, counted per job); the loop runs
 the rest as one batch (denoise: each forward carries J x CFG rows; the step events go to every job
-still in it); then each job is decoded and written in turn (decode, encode, its own outputs) and
+still in it, its previews to each job that asks for them); then each job is decoded and written in turn (decode, encode, its own outputs) and
 answered with its own result. Every job sees the phase events a `generate` sends, in the same order.
 
 Cancellation is per job. Between steps, and before each job's decode, a job whose token was
@@ -33,6 +33,7 @@ from .pipelines.wan import OnFrames, PhaseClock, WanT2V, WanVideo
 from .protocol import Emit, EngineFailure, JobSpec, Phase
 from .runtime.embed_cache import PromptEmbeddingCache
 from .runtime.memory import PeakRam, reset_vram_peak
+from .runtime.preview import Preview
 from .video import check_outputs
 
 Answer = dict[str, Any] | EngineFailure
@@ -111,6 +112,7 @@ class _Batch:
                 [self.members[k].job for k in rows],
                 on_step=self._on_step,
                 is_cancelled=lambda: self._drop_cancelled("during denoising (its rows ran on, unused)"),
+                on_preview=lambda r, preview: self._on_preview(rows[r], preview),
             )  # (J, C, F', H', W'), row r is job rows[r]'s
         del embeds
         for r, k in enumerate(rows):
@@ -164,3 +166,7 @@ class _Batch:
     def _on_step(self, i: int, n: int, ms: float) -> None:
         for k in self._open():
             self.runs[k].on_step(i, n, ms)
+
+    def _on_preview(self, k: int, preview: Preview) -> None:
+        if self.status[k] is None:
+            self.runs[k].on_preview(preview)

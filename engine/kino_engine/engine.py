@@ -150,7 +150,7 @@ class Engine:
             with run.counting(self.prompt_cache):
                 return model.generate(
                     job, on_phase=run.on_phase, on_step=run.on_step, is_cancelled=run.token.is_cancelled,
-                    on_frames=on_frames,
+                    on_frames=on_frames, on_preview=lambda row, preview: run.on_preview(preview),
                 )
 
         return run.finish(produce)

@@ -1,6 +1,6 @@
 """One job's side of a generation: its events, its measurements, its outputs and its result.
 
-`JobRun` turns the pipeline's callbacks into the job's protocol events (phase, step), samples the
+`JobRun` turns the pipeline's callbacks into the job's protocol events (phase, step, preview), samples the
 process's RAM, counts the prompt cache's hits and misses around the job's text encoding, and
 `finish`es the job: the decode (streamed into an MP4 encoder when the job asks for an MP4 only), the
 last cancellation point, the outputs written, and the `generate` result dict. A job run alone and
@@ -20,9 +20,10 @@ import torch
 
 from .cancel import CancelToken
 from .pipelines.wan import OnFrames, WanT2V, WanVideo
-from .protocol import Emit, EngineFailure, JobSpec, Phase, phase_event, step_event
+from .protocol import Emit, EngineFailure, JobSpec, Phase, phase_event, preview_event, step_event
 from .runtime.embed_cache import PromptEmbeddingCache
 from .runtime.memory import PeakRam, vram_allocated, vram_peak
+from .runtime.preview import Preview
 from .video import StreamingMp4Writer, write_outputs
 
 T = TypeVar("T")
@@ -74,6 +75,9 @@ class JobRun:
 
     def on_step(self, i: int, n: int, ms: float) -> None:
         self.emit(step_event(i, n, ms, vram_allocated(self.model.device), self.ram.sample()))
+
+    def on_preview(self, preview: Preview) -> None:
+        self.emit(preview_event(preview.step, preview.steps, preview.width, preview.height, preview.png))
 
     @contextlib.contextmanager
     def counting(self, cache: PromptEmbeddingCache) -> Iterator[None]:

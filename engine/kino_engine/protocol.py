@@ -14,6 +14,8 @@ This module knows nothing about models, tensors or threads (the Channel's lock a
 
 from __future__ import annotations
 
+import base64
+
 import json
 import math
 import os
@@ -252,6 +254,21 @@ class JobOutput:
 
 
 @dataclass(frozen=True)
+class PreviewSpec:
+    """Previews while a job denoises: one every `every` steps, and one at the last step."""
+
+    every: int
+
+    def __post_init__(self) -> None:
+        _check_int(self.every, "every", minimum=1)
+        object.__setattr__(self, "every", int(self.every))
+
+    def due(self, step: int, steps: int) -> bool:
+        """Whether a preview is taken at `step` (1-based) of `steps`."""
+        return step % self.every == 0 or step == steps
+
+
+@dataclass(frozen=True)
 class VaeDecode:
     """How the VAE decodes: whole (streamed frame by frame where possible) or in spatial tiles."""
 
@@ -292,6 +309,8 @@ class JobSpec:
     vae_decode: VaeDecode | None = None
     #: Guidance as one batch-2 forward or two forwards (the plan's); None: the model's runtime option.
     cfg: Literal["batched", "sequential"] | None = None
+    #: Previews while it denoises (not a batch shape field); None: none.
+    preview: PreviewSpec | None = None
 
     def __post_init__(self) -> None:
         _check_str(self.prompt, "prompt")
@@ -310,6 +329,8 @@ class JobSpec:
             raise _bad("vaeDecode", "expected a VaeDecode")
         if self.cfg is not None:
             _check_choice(self.cfg, "cfg", ("batched", "sequential"))
+        if self.preview is not None and not isinstance(self.preview, PreviewSpec):
+            raise _bad("preview", "expected a PreviewSpec")
         for name in ("width", "height", "frames", "steps", "seed"):
             object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "guidance", float(self.guidance))
@@ -573,7 +594,15 @@ def parse_job_spec(value: Any, path: str = "job") -> JobSpec:
             decode_path, VaeDecode, mode=_get(decode_obj, "mode", decode_path), tile=decode_obj.get("tile")
         )
     cfg = _get(obj, "cfg", path, optional=True)
-    return _build(path, JobSpec, output=output, vae_decode=vae_decode, cfg=cfg, **_fields(obj, path, names))
+    preview_value = _get(obj, "preview", path, optional=True)
+    preview = None
+    if preview_value is not None:
+        preview_path = f"{path}.preview"
+        preview_obj = _object(preview_value, preview_path)
+        preview = _build(preview_path, PreviewSpec, every=_get(preview_obj, "every", preview_path))
+    return _build(
+        path, JobSpec, output=output, vae_decode=vae_decode, cfg=cfg, preview=preview, **_fields(obj, path, names)
+    )
 
 
 def parse_batch_jobs(value: Any, path: str = "jobs") -> tuple[BatchJob, ...]:
@@ -655,6 +684,18 @@ def phase_event(phase: Phase, state: Literal["start", "end"], ms: float | None =
 def step_event(i: int, n: int, ms: float, vram_bytes: int | None, ram_bytes: int) -> dict[str, Any]:
     """`i` is the 1-based index of the step just finished, of `n`."""
     return {"kind": "step", "i": i, "n": n, "ms": ms, "vramBytes": vram_bytes, "ramBytes": ram_bytes}
+
+
+def preview_event(i: int, n: int, width: int, height: int, png: bytes) -> dict[str, Any]:
+    """A preview taken at the 1-based step `i` of `n`: a width x height RGB PNG."""
+    return {
+        "kind": "preview",
+        "i": i,
+        "n": n,
+        "width": width,
+        "height": height,
+        "png": base64.b64encode(png).decode("ascii"),
+    }
 
 
 def load_event(component: str, loaded_bytes: int, total_bytes: int) -> dict[str, Any]:

@@ -3,6 +3,8 @@ request sent and every message received is validated against the checked-in JSON
 
 from __future__ import annotations
 
+import base64
+
 import json
 import time
 from pathlib import Path
@@ -92,7 +94,7 @@ def test_load_generate_writes_a_valid_mp4(worker: WorkerProcess, tiny_checkpoint
     video = tmp_path / "out.mp4"
     frames_dir = tmp_path / "frames"
     answer, events = worker.request(
-        generate_request("gen-1", frames=9, width=96, height=64, steps=4, fps=12.0,
+        generate_request("gen-1", frames=9, width=96, height=64, steps=4, fps=12.0, preview={"every": 3},
                          output={"video": str(video), "framesDir": str(frames_dir)})
     )
     assert answer["type"] == "result", f"generate failed: {answer}"
@@ -104,6 +106,11 @@ def test_load_generate_writes_a_valid_mp4(worker: WorkerProcess, tiny_checkpoint
     steps = [e for e in events if e["kind"] == "step"]
     assert [(s["i"], s["n"]) for s in steps] == [(i, 4) for i in range(1, 5)], "one step event per step, 1-based"
     assert all(s["vramBytes"] is None and s["ramBytes"] > 0 for s in steps)
+    previews = [e for e in events if e["kind"] == "preview"]
+    assert [(p["i"], p["n"], p["width"], p["height"]) for p in previews] == [(3, 4, 12, 8), (4, 4, 12, 8)], (
+        "previews every 3 steps and at the last, at the latents' resolution (96x64 / 8)"
+    )
+    assert all(base64.b64decode(p["png"]).startswith(b"\x89PNG\r\n\x1a\n") for p in previews)
 
     with av.open(str(video)) as container:
         stream = container.streams.video[0]
@@ -211,7 +218,8 @@ def test_end_of_stream_stops_a_running_job_and_exits_zero(schema: dict, tiny_che
 def test_every_message_of_this_module_was_schema_checked(worker: WorkerProcess) -> None:
     # The client validates as it receives; this guards the guard: it must have seen real traffic.
     kinds = {(m["type"], m.get("event", {}).get("kind")) for m in worker.messages}
-    assert {("result", None), ("error", None), ("event", "phase"), ("event", "step"), ("event", "load")} <= kinds, (
+    expected = {("result", None), ("error", None), ("event", "phase"), ("event", "step"), ("event", "preview"), ("event", "load")}
+    assert expected <= kinds, (
         f"the module's traffic lacks some message kinds, so their validation went untested: {kinds}"
     )
     json.dumps(worker.messages)

@@ -166,6 +166,12 @@ export const JobSpec = z.object({
     .optional(),
   /** Guidance as one batch-2 forward or two forwards (the plan's); absent: the model's runtime option. */
   cfg: z.enum(["batched", "sequential"]).optional(),
+  /**
+   * Previews while it denoises: every `every` steps (and at the last), a `preview` event with the
+   * middle frame of the clean video the model predicts at that step, at the latents' resolution.
+   * Absent: none. Not a batch shape field: jobs of one batch may differ.
+   */
+  preview: z.object({ every: z.number().int().positive() }).optional(),
 });
 export type JobSpec = z.infer<typeof JobSpec>;
 
@@ -454,6 +460,21 @@ export const StepEvent = z.object({
   vramBytes: Bytes.nullable(),
   ramBytes: Bytes,
 });
+/**
+ * What the video looks like at step `i`: the middle frame of the clean video the model predicts from
+ * the latents at that step (x0 = x_t - sigma_t * v), projected from latent channels to RGB with a map
+ * fitted once per model from its own VAE, at the latents' resolution (width/8 x height/8 for Wan 2.1).
+ */
+export const PreviewEvent = z.object({
+  kind: z.literal("preview"),
+  /** 1-based index of the step it was taken at. */
+  i: z.number().int().positive(),
+  n: z.number().int().positive(),
+  width: z.number().int().positive(),
+  height: z.number().int().positive(),
+  /** The image as a PNG (8-bit RGB), base64. */
+  png: z.string().min(1),
+});
 export const LoadProgressEvent = z.object({
   kind: z.literal("load"),
   component: z.string(),
@@ -465,7 +486,7 @@ export const LogEvent = z.object({
   level: z.enum(["debug", "info", "warn"]),
   message: z.string(),
 });
-export const EngineEvent = z.discriminatedUnion("kind", [PhaseEvent, StepEvent, LoadProgressEvent, LogEvent]);
+export const EngineEvent = z.discriminatedUnion("kind", [PhaseEvent, StepEvent, PreviewEvent, LoadProgressEvent, LogEvent]);
 export type EngineEvent = z.infer<typeof EngineEvent>;
 
 // ---- messages (engine → control plane) ----

@@ -46,6 +46,7 @@ from ..runtime.optimize import Runtime, optimize
 from ..runtime.memory import free_device_memory, synchronize
 from ..runtime.options import RuntimeOptions
 from ..runtime.placement import COMPONENTS, MemoryPlan, Placer
+from ..runtime.preview import LatentRgb, OnPreview, PreviewTap, fit_latent_rgb
 from ..system import resolve_device, torch_dtype
 from .wan_components import (
     TEXT_ENCODER_MAX_LENGTH,
@@ -141,6 +142,8 @@ class WanT2V:
             cache_dir=self.scratch_dir,
         )
         self.runtime: Runtime = optimize(self.transformer, device, dtype, options)
+        #: The latent -> RGB map of previews, fitted from the VAE the first time a job asks for one.
+        self._latent_rgb: LatentRgb | None = None
 
     @classmethod
     def load(
@@ -296,16 +299,18 @@ class WanT2V:
         job: JobSpec,
         on_step: OnStep | None = None,
         is_cancelled: IsCancelled | None = None,
+        on_preview: OnPreview | None = None,
     ) -> torch.Tensor:
         """The flow-matching loop: latents (1, C, F', H', W') float32 after `job.steps` steps.
 
         Classifier-free guidance runs when job.guidance > 1 and needs `negative_embeds`: one forward of
         batch 2 (RuntimeOptions.cfg "auto"/"batched") or two of batch 1 ("sequential"). Nothing in the
         loop reads a device value on the host; `on_step` gets each step's device time (ms) once the GPU
-        has finished it. Raises EngineFailure(CANCELLED) between steps once is_cancelled().
+        has finished it; `on_preview` gets the previews `job.preview` asks for (row 0), once their copy to
+        the host has landed. Raises EngineFailure(CANCELLED) between steps once is_cancelled().
         """
         negatives = None if negative_embeds is None else [negative_embeds]
-        return self.denoise_batch([prompt_embeds], negatives, [job], on_step, is_cancelled)
+        return self.denoise_batch([prompt_embeds], negatives, [job], on_step, is_cancelled, on_preview)
 
     @torch.inference_mode()
     def denoise_batch(
@@ -315,6 +320,7 @@ class WanT2V:
         jobs: Sequence[JobSpec],
         on_step: OnStep | None = None,
         is_cancelled: IsCancelled | None = None,
+        on_preview: OnPreview | None = None,
     ) -> torch.Tensor:
         """`denoise` for J jobs of one shape (protocol.batch_mismatch finds nothing) as one loop:
         latents (J, C, F', H', W') float32, row k being job k's. Embeddings are (1, L, D) per job.
@@ -324,7 +330,8 @@ class WanT2V:
         scheduler's update is elementwise, with coefficients that depend only on the steps and the
         shift, which the jobs share, so row k follows the path job k takes alone, up to the float
         rounding of GEMMs at another batch size. `is_cancelled()` stops the whole loop; a caller that
-        drops single jobs of a batch lets their rows run on.
+        drops single jobs of a batch lets their rows run on. Previews go to `on_preview(row, preview)`
+        for the rows whose job asks for them.
         """
         if not jobs or len(prompt_embeds) != len(jobs):
             raise ValueError(f"{len(jobs)} jobs need as many prompt embeddings, got {len(prompt_embeds)}")
@@ -353,18 +360,58 @@ class WanT2V:
         )
         step, _ = make_stepper(scheduler, n)
         timer = StepTimer(self.device, n, on_step, self.runtime.options.max_steps_ahead)
+        tap = self._preview_tap(jobs, scheduler, n, tuple(latents.shape), on_preview)
         with self.placer.active("transformer"):
             for i in range(n):
                 if is_cancelled is not None and is_cancelled():
                     raise EngineFailure("CANCELLED", f"cancelled before step {i + 1} of {n}", phase="denoise")
                 timer.begin(i)
                 velocity = self._velocity(buffers, latents, timesteps[i], job.guidance if guided else None)
+                if tap is not None:
+                    tap.capture(i, latents, velocity)
                 latents = step(velocity, latents)
                 timer.end(i)
+                if tap is not None:
+                    tap.poll()
             timer.finish()
+            if tap is not None:
+                tap.finish()
         if is_cancelled is not None and is_cancelled():
             raise EngineFailure("CANCELLED", f"cancelled after step {n} of {n}", phase="denoise")
         return latents
+
+    def _preview_tap(
+        self,
+        jobs: Sequence[JobSpec],
+        scheduler: SchedulerMixin,
+        steps: int,
+        shape: tuple[int, ...],
+        on_preview: OnPreview | None,
+    ) -> PreviewTap | None:
+        """The loop's previews, or None when no job asks for one (or nobody listens). Fits the latent
+        -> RGB map first if this is the first preview of the model (the VAE on the device meanwhile)."""
+        specs = [j.preview for j in jobs]
+        if on_preview is None or all(spec is None for spec in specs):
+            return None
+        # sigma_t of each step, on the host before the loop (UniPC keeps them on the CPU already).
+        sigmas = scheduler.sigmas[:steps].detach().to("cpu", torch.float64).tolist()
+        return PreviewTap(self.latent_rgb(), specs, sigmas, shape, self.device, on_preview)
+
+    def latent_rgb(self) -> LatentRgb:
+        """The map previews project latents with, fitted from this model's VAE on first use (cached)."""
+        if self._latent_rgb is None:
+            with torch.inference_mode(), self.placer.active("vae"):
+                self._latent_rgb = fit_latent_rgb(self._encode_normalized, self.vae_scale_spatial, self.vae_scale_temporal)
+        return self._latent_rgb
+
+    def _encode_normalized(self, video: torch.Tensor) -> torch.Tensor:
+        """Clips (N, 3, F, H, W) in [-1, 1] -> their latents' means as the denoiser sees them
+        (normalized: the inverse of `_denormalize`), float32 on the host."""
+        z = self.vae.encode(video.to(self.device, self.vae.dtype)).latent_dist.mode()
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        return (z.float().cpu() - mean) / std
 
     def _velocity(
         self, buffers: GuidanceBuffers, latents: torch.Tensor, t: torch.Tensor, guidance: float | None
@@ -505,8 +552,10 @@ class WanT2V:
         on_step: OnStep | None = None,
         is_cancelled: IsCancelled | None = None,
         on_frames: OnFrames | None = None,
+        on_preview: OnPreview | None = None,
     ) -> WanVideo:
-        """text_encode -> denoise -> decode, reporting each phase's start and end (ms).
+        """text_encode -> denoise -> decode, reporting each phase's start and end (ms), and the
+        previews `job.preview` asks for to `on_preview` (row 0).
 
         With `on_frames`, decoding is streamed (`decode_stream`): each uint8 chunk (F_i, H, W, 3)
         goes to `on_frames` as soon as it is on the host (e.g. to an MP4 encoder running alongside),
@@ -517,7 +566,7 @@ class WanT2V:
         with phases.run("text_encode"):
             prompt_embeds, negative_embeds = self.encode_job(job)
         with phases.run("denoise"):
-            latents = self.denoise(prompt_embeds, negative_embeds, job, on_step, is_cancelled)
+            latents = self.denoise(prompt_embeds, negative_embeds, job, on_step, is_cancelled, on_preview)
         del prompt_embeds, negative_embeds
         return self.decode_video(latents, job, phases, on_frames)
 
