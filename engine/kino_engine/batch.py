@@ -1,7 +1,8 @@
 """A `generate_batch`: several jobs of one shape as one denoising loop, each answered on its own.
 
 Order: every job is checked (geometry, outputs; one that fails is answered at once and left out);
-their prompts are encoded (text_encode, through the prompt cache, counted per job); the loop runs
+their prompts are encoded (text_encode: the texts the prompt cache misses, all jobs' in one encoder
+call; hits and misses counted per job); the loop runs
 the rest as one batch (denoise: each forward carries J x CFG rows; the step events go to every job
 still in it, its previews to each job that asks for them); then each job is decoded and written in turn (decode, encode, its own outputs) and
 answered with its own result. Every job sees the phase events a `generate` sends, in the same order.
@@ -98,11 +99,8 @@ class _Batch:
         if not self._open():
             return
         shared = PhaseClock(model.device, self._on_phase)
-        embeds: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         with shared.run("text_encode"):
-            for k in self._open():
-                with self.runs[k].counting(self.cache):
-                    embeds[k] = model.encode_job(self.members[k].job)
+            embeds = self._encode(self._open())
         rows = [k for k in self._open() if k in embeds]
         guided = self.members[rows[0]].job.guidance > 1.0
         with shared.run("denoise"):
@@ -118,6 +116,28 @@ class _Batch:
         for r, k in enumerate(rows):
             if self.status[k] is None and not self._drop_cancelled("before its decode", only=k):
                 self._finish(k, latents[r : r + 1], shared, len(rows))
+
+    def _encode(self, jobs: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Every job's (prompt, negative prompt or None) embeddings from one encoder call for all the
+        texts the cache misses; each job is credited with its own texts' hits and misses."""
+        texts: list[str] = []
+        owners: list[int] = []
+        for k in jobs:
+            job = self.members[k].job
+            mine = [job.prompt, job.negative_prompt] if job.guidance > 1.0 else [job.prompt]
+            texts += mine
+            owners += [k] * len(mine)
+        counted = getattr(self.model.encode_prompts, "counted", None)
+        if counted is not None:
+            answers = counted(texts)
+        else:  # no cache installed: every text is encoded (and none is counted)
+            answers = [(value, None) for value in self.model.encode_prompts(texts)]
+        mine_by_job: dict[int, list[torch.Tensor]] = {k: [] for k in jobs}
+        for k, (value, hit) in zip(owners, answers):
+            mine_by_job[k].append(value)
+            if hit is not None:
+                self.runs[k].count_prompt(hit)
+        return {k: (values[0], values[1] if len(values) > 1 else None) for k, values in mine_by_job.items()}
 
     def _finish(self, k: int, latents: torch.Tensor, shared: PhaseClock, size: int) -> None:
         """Job k's decode and outputs, answered with its result or its own failure."""

@@ -79,6 +79,13 @@ class JobRun:
     def on_preview(self, preview: Preview) -> None:
         self.emit(preview_event(preview.step, preview.steps, preview.width, preview.height, preview.png))
 
+    def count_prompt(self, hit: bool) -> None:
+        """One of the job's texts was served from the prompt cache (hit) or encoded (miss)."""
+        if hit:
+            self.prompt_hits += 1
+        else:
+            self.prompt_misses += 1
+
     @contextlib.contextmanager
     def counting(self, cache: PromptEmbeddingCache) -> Iterator[None]:
         """Adds the cache's hits and misses within the block to the job's."""

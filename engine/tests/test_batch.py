@@ -167,11 +167,20 @@ GENERATE_PHASES = [
 ]
 
 
-def test_each_job_of_a_batch_gets_its_own_events_outputs_and_result(engine: Engine, tmp_path: Path) -> None:
+def test_each_job_of_a_batch_gets_its_own_events_outputs_and_result(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine.clear_cache()
     jobs = [_job(k, output=JobOutput(None, str(tmp_path / f"batch-{k}"))) for k in range(2)]
     record = Recorder(jobs)
+    encoder_calls: list[int] = []
+    original = engine.model.text_encoder.forward
+    monkeypatch.setattr(
+        engine.model.text_encoder, "forward", lambda *a, **kw: encoder_calls.append(kw["input_ids"].shape[0]) or original(*a, **kw)
+    )
     summary = engine.generate_batch(record.members)
+    monkeypatch.undo()
+    assert encoder_calls == [4], f"the batch's 4 texts must be encoded in one call, got calls of {encoder_calls}"
     assert summary == {"jobs": [{"id": "job-0", "status": "completed"}, {"id": "job-1", "status": "completed"}]}
     for k, job in enumerate(jobs):
         result = record.answers[k]

@@ -127,3 +127,53 @@ def test_reloading_empties_the_cache(tiny_checkpoint: Path, monkeypatch: pytest.
     assert result["cache"] == {"promptHits": 0, "promptMisses": 1}, (
         "embeddings of a replaced model must not be served to the new one"
     )
+
+
+def test_many_texts_are_looked_up_together_and_missing_ones_encoded_in_one_call() -> None:
+    cache = PromptEmbeddingCache()
+    calls: list[list[str]] = []
+
+    def encode_many(texts: list[str]) -> list[torch.Tensor]:
+        calls.append(list(texts))
+        return [_embedding(1, float(len(t))) for t in texts]
+
+    cache.get_or_encode("enc", "a", lambda t: encode_many([t])[0])
+    answers = cache.get_or_encode_many("enc", ["bb", "a", "ccc", "bb", ""], encode_many)
+    assert calls[-1] == ["bb", "ccc", ""], "the distinct texts the cache misses, in order, in one encoder call"
+    assert [hit for _, hit in answers] == [False, True, False, True, False], (
+        "a cached text is a hit, and so is a text repeated after its first miss in the same call"
+    )
+    assert answers[0][0] is answers[3][0], "a repeated text is served the one embedding encoded for it"
+    assert [float(v[0, 0]) for v, _ in answers] == [2.0, 1.0, 3.0, 2.0, 0.0], "embeddings came back out of order"
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.entries) == (2, 4, 4)
+    with pytest.raises(ValueError):
+        cache.get_or_encode_many("enc", ["x", "y"], lambda texts: [_embedding(1)])
+
+
+def test_the_encoder_runs_on_the_prompts_own_tokens(tiny_checkpoint: Path) -> None:
+    """Not on 512 padded positions: a short prompt costs its length; the result is still (1, 512, D)
+    and equals the 512-long run's (the pads are masked keys) up to rounding."""
+    spec = ModelSpec("tiny", CheckpointSource(str(tiny_checkpoint)), device="cpu", dtype="float32")
+    model = WanT2V.load(spec)
+    lengths: list[int] = []
+    hook = model.text_encoder.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        texts = ["a red car on the beach at sunset", "", "a cat"]
+        batch = model.encode_prompts(texts)
+        singles = [model.encode_prompt(t) for t in texts]
+    finally:
+        hook.remove()
+    longest = max(len(model.tokenizer(t).input_ids) for t in texts)
+    assert lengths[0] == longest < 64, f"the encoder ran on {lengths[0]} positions for texts of at most {longest} tokens"
+    assert len(lengths) == 4, "encode_prompts must run the encoder once for all its texts"
+    tokens = model.tokenizer(texts[:1], padding="max_length", max_length=512, truncation=True, return_tensors="pt")
+    with torch.inference_mode():
+        full = model.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    full = full.masked_fill(~tokens.attention_mask.bool().unsqueeze(-1), 0.0)
+    for text, one, alone in zip(texts, batch, singles):
+        assert one.shape == (1, 512, full.shape[-1]), f"{text!r}: embedding shape {tuple(one.shape)}"
+        assert torch.allclose(one, alone, atol=1e-5), f"{text!r}: batched and single encodes differ"
+    assert torch.allclose(batch[0], full, atol=1e-5), (
+        f"the prompt's own tokens gave embeddings {float((batch[0] - full).abs().max()):.3g} from the 512-long run's"
+    )

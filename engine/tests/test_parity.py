@@ -110,7 +110,12 @@ def test_prompt_embeddings_match_diffusers(variant_checkpoint: Path) -> None:
     with torch.no_grad():  # as WanPipeline.__call__ runs it (autograd picks other kernels)
         theirs, _ = reference.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=512)
     assert ours.shape == theirs.shape == (1, 512, 24), f"embedding shape {tuple(ours.shape)}: padding to 512 broke"
-    assert torch.equal(ours, theirs), "prompt embeddings differ: cleaning, tokenization or mask trimming drifted"
+    # kino runs the encoder on the prompt's own tokens, diffusers on all 512 (pads masked): the same
+    # math, GEMMs of another size, so float32 rounding apart.
+    diff = (ours - theirs).abs().max()
+    assert diff <= 1e-5 * theirs.abs().max(), (
+        f"prompt embeddings differ by {diff:.3g}: cleaning, tokenization, the pads' mask or trimming drifted"
+    )
     length = int(kino.tokenizer([clean_prompt(PROMPT)], return_tensors="pt").attention_mask.sum())
     assert torch.count_nonzero(ours[0, length:]) == 0 and torch.count_nonzero(ours[0, :length]) > 0, (
         "positions past the prompt must be exact zeros and the prompt itself not: the mask is misapplied"

@@ -52,7 +52,11 @@ export interface TransformerManifest extends ComponentManifest {
 export interface TextEncoderManifest extends ComponentManifest {
   /** Parameters the forward multiplies through per token (the embedding table is a lookup). */
   readonly computeParams: number;
-  /** Tokens per prompt (Wan pads prompts to 512). */
+  /**
+   * Tokens per prompt the prediction assumes: Wan pads prompts to 512, and the plan prices that many
+   * (an upper bound: kino's engine runs the encoder on a prompt's own tokens only, so its text
+   * encode and its activations are usually far below the prediction).
+   */
   readonly tokens: number;
   /** Model width d_model. */
   readonly width: number;

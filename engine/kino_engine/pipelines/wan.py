@@ -258,12 +258,23 @@ class WanT2V:
 
     # ---- the three stages ----
 
-    @torch.inference_mode()
     def encode_prompt(self, text: str) -> torch.Tensor:
         """T5 embeddings (1, L, D) of the cleaned text, zero past its last token, in the model dtype."""
+        return self.encode_prompts([text])[0]
+
+    @torch.inference_mode()
+    def encode_prompts(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """`encode_prompt` for several texts in one encoder forward: one (1, L, D) tensor per text.
+
+        The encoder runs on the texts' own tokens, padded to the longest of the call (masked), not on
+        all L = 512 positions as diffusers does: its attention is bidirectional with padded keys
+        masked out, so the real tokens get the values a 512-long run gives them (up to the rounding of
+        GEMMs of another size), and Wan zeroes every position past a text's length either way. A
+        10-token prompt thus costs 10 tokens of UMT5-XXL, not 512 (the weights' read is then the
+        floor: about 11 GB on the device, and a CPU-placed encoder saves the most)."""
         tokens = self.tokenizer(
-            [clean_prompt(text)],
-            padding="max_length",
+            [clean_prompt(text) for text in texts],
+            padding="longest",
             max_length=self.max_sequence_length,
             truncation=True,
             add_special_tokens=True,
@@ -271,15 +282,21 @@ class WanT2V:
             return_tensors="pt",
         )
         where = self.placer.device_of("text_encoder")  # the host when the plan runs it on the CPU
-        ids = tokens.input_ids.to(where)  # (1, L)
-        mask = tokens.attention_mask.to(where)  # (1, L), ones then zeros
+        ids = tokens.input_ids.to(where)  # (N, n), n <= L
+        mask = tokens.attention_mask.to(where)  # (N, n), ones then zeros
         with self.placer.active("text_encoder"):
-            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (1, L, D)
+            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, n, D)
         hidden = hidden.to(self.text_encoder.dtype)
-        # Positions past the prompt's length become exact zeros (Wan trims and zero-pads; with a
-        # right-padded mask this is the same, without a host sync to read the length).
-        hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0)
-        return hidden.to(self.device, self.dtype)
+        # Positions past each text's length become exact zeros (Wan trims and zero-pads; with a
+        # right-padded mask this is the same, without a host sync to read the lengths).
+        hidden = hidden.masked_fill(~mask.bool().unsqueeze(-1), 0.0).to(self.device, self.dtype)
+        count, length, width = hidden.shape
+        out = []
+        for k in range(count):
+            row = torch.zeros((1, self.max_sequence_length, width), dtype=self.dtype, device=self.device)
+            row[:, :length] = hidden[k]
+            out.append(row)
+        return out
 
     def encode_job(self, job: JobSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The job's prompt embeddings (1, L, D), and its negative prompt's when guidance runs, else None."""

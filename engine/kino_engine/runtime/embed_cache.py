@@ -13,8 +13,12 @@ Contract:
   it released.
 
 It is installed from outside: `install_prompt_cache(model, cache, identity)` shadows the model's
-`encode_prompt` with an instance attribute that consults the cache first; the model's code is not
-touched and `uninstall` restores it. It knows nothing about the protocol or the denoising loop.
+`encode_prompts(texts)` (its one entry to the encoder; `encode_prompt(text)` goes through it) with an
+instance attribute that consults the cache first and encodes the texts it misses in one call; the
+model's code is not touched and `uninstall` restores it. Within one call a text repeated after its
+first miss counts as a hit (it is encoded once). The wrapper's `counted(texts)` also says, per text,
+whether it was a hit, for callers that attribute hits to jobs (a batch). It knows nothing about the
+protocol or the denoising loop.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -59,17 +63,39 @@ class PromptEmbeddingCache:
 
     def get_or_encode(self, identity: Hashable, text: str, encode: Callable[[str], torch.Tensor]) -> torch.Tensor:
         """The cached embedding of `text` for this encoder identity, or `encode(text)` kept for next time."""
-        key = (identity, text)
+        return self.get_or_encode_many(identity, [text], lambda texts: [encode(t) for t in texts])[0][0]
+
+    def get_or_encode_many(
+        self, identity: Hashable, texts: Sequence[str], encode_many: Callable[[list[str]], list[torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, bool]]:
+        """(embedding, hit) per text, in order: the cached ones, and the others from one
+        `encode_many(distinct missing texts)` call, kept for next time. A text repeated after its
+        first miss in `texts` counts as a hit."""
+        found: dict[str, torch.Tensor] = {}
+        missing: list[str] = []
+        hits: list[bool] = []
         with self._lock:
-            cached = self._entries.get(key)
-            if cached is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return cached
-            self.misses += 1
-        value = encode(text)  # outside the lock: encoding takes milliseconds to seconds
-        self._put(key, value)
-        return value
+            for text in texts:
+                key = (identity, text)
+                cached = self._entries.get(key)
+                if cached is not None:
+                    self._entries.move_to_end(key)
+                    found[text] = cached
+                if cached is not None or text in missing:
+                    self.hits += 1
+                    hits.append(True)
+                else:
+                    self.misses += 1
+                    missing.append(text)
+                    hits.append(False)
+        if missing:
+            encoded = encode_many(missing)  # outside the lock: encoding takes milliseconds to seconds
+            if len(encoded) != len(missing):
+                raise ValueError(f"encode_many returned {len(encoded)} embeddings for {len(missing)} texts")
+            for text, value in zip(missing, encoded):
+                self._put((identity, text), value)
+                found[text] = value
+        return [(found[text], hit) for text, hit in zip(texts, hits)]
 
     def _put(self, key: tuple[Hashable, str], value: torch.Tensor) -> None:
         size = tensor_bytes(value)
@@ -108,18 +134,23 @@ def encoder_identity(model_name: str, encoder: torch.nn.Module, dtype: torch.dty
 
 
 def install_prompt_cache(model: Any, cache: PromptEmbeddingCache, identity: Hashable) -> None:
-    """Routes `model.encode_prompt(text)` through `cache` (an instance attribute over the class method)."""
+    """Routes `model.encode_prompts(texts)` (and so `encode_prompt`) through `cache` (an instance
+    attribute over the class method)."""
     uninstall_prompt_cache(model)
-    original = model.encode_prompt
+    original = model.encode_prompts
 
-    def encode_prompt(text: str) -> torch.Tensor:
-        return cache.get_or_encode(identity, text, original)
+    def counted(texts: Sequence[str]) -> list[tuple[torch.Tensor, bool]]:
+        return cache.get_or_encode_many(identity, texts, original)
 
-    encode_prompt.__wrapped__ = original  # type: ignore[attr-defined]
-    encode_prompt.kino_prompt_cache = cache  # type: ignore[attr-defined]
-    model.encode_prompt = encode_prompt
+    def encode_prompts(texts: Sequence[str]) -> list[torch.Tensor]:
+        return [value for value, _ in counted(texts)]
+
+    encode_prompts.__wrapped__ = original  # type: ignore[attr-defined]
+    encode_prompts.kino_prompt_cache = cache  # type: ignore[attr-defined]
+    encode_prompts.counted = counted  # type: ignore[attr-defined]
+    model.encode_prompts = encode_prompts
 
 
 def uninstall_prompt_cache(model: Any) -> None:
-    if hasattr(model.__dict__.get("encode_prompt"), "kino_prompt_cache"):
-        del model.encode_prompt
+    if hasattr(model.__dict__.get("encode_prompts"), "kino_prompt_cache"):
+        del model.encode_prompts
