@@ -91,6 +91,15 @@ class Engine:
         finally:
             free_device_memory()
 
+    def prewarm(self, job: JobSpec, jobs: int = 1) -> dict[str, Any]:
+        """One forward at the job's shape for `jobs` jobs (WanT2V.prewarm): compile, autotune and the
+        attention choice are paid now, not by the first request of that shape."""
+        model = self.model
+        if model is None:
+            raise EngineFailure("MODEL_NOT_LOADED", "prewarm before load: send a load request first")
+        ms = run_classified(lambda: "denoise", lambda: model.prewarm(job, jobs))
+        return {"ms": ms, "jobs": jobs}
+
     def load(self, spec: ModelSpec, emit: Emit) -> dict[str, Any]:
         # The previous model goes first: two full models rarely fit in one device at once.
         self.unload()

@@ -379,6 +379,22 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class PrewarmRequest:
+    """Run one transformer forward at a job's shape for `jobs` jobs of it (a batch's rows), so the
+    attention choice, compilation and autotuning happen before the first request of that shape; the
+    previews' colour map is fitted too when the job asks for previews. Answered with {ms, jobs}."""
+
+    id: str
+    job: JobSpec
+    jobs: int = 1
+    type: Literal["prewarm"] = "prewarm"
+
+    def __post_init__(self) -> None:
+        _check_int(self.jobs, "jobs", minimum=1)
+        object.__setattr__(self, "jobs", int(self.jobs))
+
+
+@dataclass(frozen=True)
 class BatchJob:
     """One job of a batch: its own id (its events, its answer and a cancel's target) and its spec."""
 
@@ -455,7 +471,7 @@ class ProbeRequest:
 
 Request = Union[
     HelloRequest, LoadRequest, GenerateRequest, GenerateBatchRequest, CancelRequest, ClearCacheRequest,
-    ShutdownRequest, ProbeRequest,
+    ShutdownRequest, ProbeRequest, PrewarmRequest,
 ]
 
 
@@ -645,10 +661,13 @@ def parse_request(obj: Any) -> Request:
         return ShutdownRequest(id=request_id)
     if kind == "probe":
         return ProbeRequest(id=request_id, quick=_get(obj, "quick", ""))
+    if kind == "prewarm":
+        jobs = _get(obj, "jobs", "", optional=True)
+        return _build("", PrewarmRequest, id=request_id, job=parse_job_spec(_get(obj, "job", "")), jobs=1 if jobs is None else jobs)
     raise _bad(
         "type",
         f"unknown request type {kind!r} "
-        "(expected hello, load, generate, generate_batch, cancel, clear_cache, shutdown or probe)",
+        "(expected hello, load, generate, generate_batch, cancel, clear_cache, shutdown, probe or prewarm)",
     )
 
 

@@ -45,6 +45,7 @@ from .protocol import (
     GenerateRequest,
     HelloRequest,
     LoadRequest,
+    PrewarmRequest,
     ProbeRequest,
     Request,
     ShutdownRequest,
@@ -264,6 +265,8 @@ class Worker:
             return self.engine.clear_cache()
         if isinstance(request, ProbeRequest):
             return self.engine.probe(request.quick, emit)
+        if isinstance(request, PrewarmRequest):
+            return self.engine.prewarm(request.job, request.jobs)
         raise EngineFailure("BAD_REQUEST", f"{request.type} cannot be queued", field="type")
 
 

@@ -246,6 +246,19 @@ def test_prewarm_runs_one_forward_at_the_job_shape(tiny_checkpoint: Path, monkey
     )
     model.prewarm(_job())
     assert shapes == [(2, *model.latent_shape(_job())[1:])], f"prewarm ran forwards of shapes {shapes}"
+    shapes.clear()
+    model.prewarm(_job(), jobs=3)
+    assert shapes == [(6, *model.latent_shape(_job())[1:])], (
+        f"a prewarm for a batch of 3 guided jobs must run one forward of 6 rows (the batch's shape), ran {shapes}"
+    )
+    sequential = _model(tiny_checkpoint, "sequential")
+    shapes.clear()
+    original_seq = sequential.transformer.forward
+    monkeypatch.setattr(
+        sequential.transformer, "forward", lambda **kw: shapes.append(tuple(kw["hidden_states"].shape)) or original_seq(**kw)
+    )
+    sequential.prewarm(_job(), jobs=2)
+    assert shapes == [(2, *model.latent_shape(_job())[1:])] * 2, f"sequential guidance: two forwards of the J rows, ran {shapes}"
 
 
 @pytest.mark.parametrize(

@@ -223,3 +223,17 @@ def test_every_message_of_this_module_was_schema_checked(worker: WorkerProcess) 
         f"the module's traffic lacks some message kinds, so their validation went untested: {kinds}"
     )
     json.dumps(worker.messages)
+
+
+def test_prewarm_runs_at_a_batch_shape_and_needs_a_model(schema: dict, tiny_checkpoint: Path) -> None:
+    process = WorkerProcess(schema)
+    try:
+        answer, _ = process.request({"type": "prewarm", "id": "early", "job": generate_request("x")["job"]})
+        assert _error(answer)["code"] == "MODEL_NOT_LOADED", answer
+        loaded, _ = process.request(load_request("load", str(tiny_checkpoint)))
+        assert loaded["type"] == "result", loaded
+        job = generate_request("x", preview={"every": 1})["job"]
+        answer, _ = process.request({"type": "prewarm", "id": "warm", "job": job, "jobs": 2})
+        assert answer["type"] == "result" and answer["result"]["jobs"] == 2 and answer["result"]["ms"] > 0, answer
+    finally:
+        process.close()

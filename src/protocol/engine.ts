@@ -233,6 +233,20 @@ export const ProbeRequest = z.object({
   quick: z.boolean(),
 });
 
+/**
+ * One transformer forward at a job's shape for `jobs` jobs of it (a batch's rows), so compile,
+ * autotuning and the attention choice are paid before the first request of that shape; with
+ * `job.preview`, the previews' colour map is fitted too. The job's prompts and outputs are not used.
+ * Engines that predate it answer BAD_REQUEST on "type" (the client's ENGINE_TOO_OLD).
+ */
+export const PrewarmRequest = z.object({
+  type: z.literal("prewarm"),
+  id: Id,
+  job: JobSpec,
+  /** Jobs of the shape one forward carries (a batch of that many). @default 1 */
+  jobs: z.number().int().positive().optional(),
+});
+
 export const EngineRequest = z.discriminatedUnion("type", [
   HelloRequest,
   LoadRequest,
@@ -242,6 +256,7 @@ export const EngineRequest = z.discriminatedUnion("type", [
   ClearCacheRequest,
   ShutdownRequest,
   ProbeRequest,
+  PrewarmRequest,
 ]);
 export type EngineRequest = z.infer<typeof EngineRequest>;
 export type RequestType = EngineRequest["type"];
@@ -429,6 +444,13 @@ export const ProbeResult = z.object({
 });
 export type ProbeResult = z.infer<typeof ProbeResult>;
 
+export const PrewarmResult = z.object({
+  /** Wall time of the forward, compile and autotuning included. */
+  ms: z.number().nonnegative(),
+  jobs: z.number().int().positive(),
+});
+export type PrewarmResult = z.infer<typeof PrewarmResult>;
+
 /** Which result schema answers which request. */
 export const ResultFor = {
   hello: HelloResult,
@@ -439,6 +461,7 @@ export const ResultFor = {
   clear_cache: ClearCacheResult,
   shutdown: ShutdownResult,
   probe: ProbeResult,
+  prewarm: PrewarmResult,
 } as const;
 export type ResultFor = { [K in RequestType]: z.infer<(typeof ResultFor)[K]> };
 

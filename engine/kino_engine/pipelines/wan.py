@@ -449,18 +449,24 @@ class WanT2V:
         return buffers.guide(out, uncond, guidance)
 
     @torch.inference_mode()
-    def prewarm(self, job: JobSpec) -> float:
-        """One transformer forward at the job's shape (batch 2 if guidance runs batched), so the
-        attention choice, compilation and autotuning happen now rather than in the first request.
-        Uses zero embeddings and seeded noise (the values do not matter). Returns its wall ms."""
+    def prewarm(self, job: JobSpec, jobs: int = 1) -> float:
+        """One transformer forward at the job's shape for `jobs` jobs of it (a batch's rows; batch 2 per
+        job if guidance runs batched), so the attention choice, compilation and autotuning happen now
+        rather than in the first request of that shape; with `job.preview`, the previews' colour map
+        is fitted too. Uses zero embeddings and seeded noise (the values do not matter). Returns its
+        wall ms."""
         self.check_job(job)
+        if jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {jobs}")
         started = time.perf_counter()
-        self.runtime.prepare(self.attention_shape(job))
+        if job.preview is not None:
+            self.latent_rgb()
+        self.runtime.prepare(self.attention_shape(job, jobs))
         scheduler = self.make_scheduler(job.shift)
         scheduler.set_timesteps(job.steps, device=self.device)
-        latents = self.initial_latents(job)
+        latents = _rows([self.initial_latents(job)] * jobs)
         config = self.transformer.config
-        embeds = torch.zeros((1, self.max_sequence_length, int(config.text_dim)), device=self.device)
+        embeds = torch.zeros((jobs, self.max_sequence_length, int(config.text_dim)), device=self.device)
         guided = job.guidance > 1.0
         buffers = GuidanceBuffers(
             latents, embeds, embeds if guided else None, self.forward_batch(job), self.transformer.dtype
