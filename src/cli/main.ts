@@ -18,6 +18,7 @@ import { createLogger } from "../log.ts";
 import type { CliContext } from "./context.ts";
 import { benchCommand } from "./bench.ts";
 import { benchMemoryCommand } from "./bench-memory.ts";
+import { benchHttpCommand } from "./bench-http.ts";
 import { benchServeCommand } from "./bench-serve.ts";
 import { doctorCommand } from "./doctor.ts";
 import { formatError } from "./format.ts";
@@ -37,6 +38,7 @@ const COMMANDS: ReadonlyArray<(ctx: CliContext) => Command> = [
   benchCommand,
   benchMemoryCommand,
   benchServeCommand,
+  benchHttpCommand,
   profileCommand,
   planCommand,
   probeCommand,
