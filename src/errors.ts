@@ -76,6 +76,8 @@ const controlPlaneCodes = {
   JOB_FINISHED: { exit: 2, http: 409 },
   /** The job has no video (yet, or at all: it failed or was cancelled). */
   VIDEO_NOT_AVAILABLE: { exit: 2, http: 409 },
+  /** The job has no preview of the step asked for (not taken, or not kept: the job did not complete). */
+  PREVIEW_NOT_FOUND: { exit: 2, http: 404 },
   /** The server stopped while the job ran, more often than the recovery policy retries. */
   INTERRUPTED: { exit: 1, http: 500 },
   /** The server is shutting down and takes no new jobs. */

@@ -9,6 +9,7 @@ import { after, before, describe, test } from "node:test";
 import type { EngineClient } from "../src/engine/client.ts";
 import { KinoError } from "../src/errors.ts";
 import { probeVideo } from "../src/media/ffprobe.ts";
+import { PNG } from "pngjs";
 import {
   ClearCacheResult,
   GenerateResult,
@@ -70,9 +71,40 @@ export function assertGenerateEvents(events: readonly EngineEvent[], steps: numb
 
 /** Width and height from a PNG's IHDR chunk. */
 function pngSize(file: string): { width: number; height: number } {
-  const bytes = readFileSync(file);
-  assert.equal(bytes.toString("latin1", 1, 4), "PNG", `${file} is a PNG`);
+  return pngBytesSize(readFileSync(file), file);
+}
+
+/** Width and height from the IHDR chunk of a PNG's bytes (the signature, then IHDR first). */
+export function pngBytesSize(bytes: Buffer, what = "the image"): { width: number; height: number } {
+  assert.deepEqual([...bytes.subarray(0, 8)], [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a], `${what} has the PNG signature`);
+  assert.equal(bytes.toString("latin1", 12, 16), "IHDR", `${what} starts with its IHDR chunk`);
   return { width: bytes.readUInt32BE(16), height: bytes.readUInt32BE(20) };
+}
+
+/** The steps a job of `steps` steps previews at with `every`: each every-th, and the last. */
+export function previewSteps(every: number, steps: number): number[] {
+  return Array.from({ length: steps }, (_, k) => k + 1).filter((i) => i % every === 0 || i === steps);
+}
+
+/**
+ * Checks a job's preview events: at the steps `every` asks for, inside the denoise phase, each a
+ * whole 8-bit RGB PNG (it decodes) whose IHDR says the event's size, the latents' (`vaeScale`
+ * pixels per latent pixel).
+ */
+function assertPreviews(events: readonly EngineEvent[], every: number, size: { width: number; height: number; steps: number }, vaeScale: number): void {
+  const previews = events.filter((e) => e.kind === "preview");
+  assert.deepEqual(previews.map((e) => e.i), previewSteps(every, size.steps), `previews every ${every} of ${size.steps} steps, and at the last`);
+  const denoiseStart = events.findIndex((e) => e.kind === "phase" && e.phase === "denoise" && e.state === "start");
+  const denoiseEnd = events.findIndex((e) => e.kind === "phase" && e.phase === "denoise" && e.state === "end");
+  for (const e of previews) {
+    const at = events.indexOf(e);
+    assert.ok(at > denoiseStart && at < denoiseEnd, `the preview of step ${e.i} comes while denoising`);
+    assert.deepEqual([e.n, e.width, e.height], [size.steps, size.width / vaeScale, size.height / vaeScale], "the latents' size");
+    const png = Buffer.from(e.png, "base64");
+    assert.deepEqual(pngBytesSize(png, `the preview of step ${e.i}`), { width: e.width, height: e.height }, "its IHDR says the event's size");
+    const decoded = PNG.sync.read(png);
+    assert.deepEqual([decoded.width, decoded.height, decoded.data.length], [e.width, e.height, e.width * e.height * 4], "a whole image");
+  }
 }
 
 export function engineConformance(name: string, makeTarget: () => Promise<ConformanceTarget>): void {
@@ -80,6 +112,8 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
     let target: ConformanceTarget;
     let engine: EngineClient;
     let scratch: string;
+    /** Pixels per latent pixel on a side, as the engine's load reported it. */
+    let vaeScale = 0;
     const model = (path: string): ModelSpec => ({ name: "conformance", source: { kind: "checkpoint", path }, device: "cpu", dtype: "float32" });
     const job = (out: string, over: Partial<JobSpec> = {}): JobSpec => ({
       prompt: "a red fox running through snow",
@@ -157,6 +191,7 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
     test("load, then generate: events in order, a valid result, a real H.264 video", async () => {
       const loaded = await engine.load(model(target.checkpoint));
       LoadResult.parse(loaded);
+      vaeScale = loaded.vaeScaleSpatial;
       assert.equal(loaded.device, "cpu");
       assert.equal(loaded.dtype, "float32");
       const events: EngineEvent[] = [];
@@ -200,6 +235,28 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
       assert.deepEqual(await engine.clearCache(), { freedBytes: 0 }, "a cleared cache holds nothing");
       const cold = await engine.generate(job(join(scratch, "cold.mp4"), { guidance: 1 }));
       assert.deepEqual(cold.cache, { promptHits: 0, promptMisses: 1 }, "after clearCache the prompt is encoded again (no CFG: only it)");
+    });
+
+    test("previews: every `every` steps and at the last, a PNG of the latents' size; none unless asked", async () => {
+      const events: EngineEvent[] = [];
+      await engine.generate(job(join(scratch, "previews.mp4"), { preview: { every: 3 } }), { onEvent: (e) => events.push(e) });
+      assertGenerateEvents(events, target.job.steps);
+      assertPreviews(events, 3, target.job, vaeScale);
+      const none: EngineEvent[] = [];
+      await engine.generate(job(join(scratch, "no-previews.mp4")), { onEvent: (e) => none.push(e) });
+      assert.deepEqual(none.filter((e) => e.kind === "preview"), [], "a job that asks for none gets none");
+    });
+
+    test("previews in a batch: each job's own, only for the jobs that ask", async () => {
+      const outs = [join(scratch, "batch-previews-0.mp4"), join(scratch, "batch-previews-1.mp4")];
+      const events: EngineEvent[][] = outs.map(() => []);
+      const answers = engine.generateBatch([
+        { job: job(outs[0]!, { seed: 40, preview: { every: 2 } }), onEvent: (e: EngineEvent) => events[0]!.push(e) },
+        { job: job(outs[1]!, { seed: 41 }), onEvent: (e: EngineEvent) => events[1]!.push(e) },
+      ]);
+      for (const result of await Promise.all(answers)) assert.equal(result.batchSize, 2, "one loop for both");
+      assertPreviews(events[0]!, 2, target.job, vaeScale);
+      assert.deepEqual(events[1]!.filter((e) => e.kind === "preview"), [], "the job that asked for none gets none");
     });
 
     test("an output in a missing folder answers OUTPUT_UNWRITABLE naming the field", async () => {

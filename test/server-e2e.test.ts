@@ -1,8 +1,9 @@
 /**
  * End to end through the real Python engine (SubprocessEngine) on the CPU, kino's tiny model made on
- * first use, over a real socket: a job submitted, followed over SSE until completed, its video
- * fetched with a Range request and whole, and checked with ffprobe; two jobs of one shape queued
- * behind a running one run as one batch, each with its own events and video; then the engine killed
+ * first use, over a real socket: a job submitted, followed over SSE until completed, its previews
+ * fetched as the PNGs the engine made, its video fetched with a Range request and whole, and checked
+ * with ffprobe; two jobs of one shape queued behind a running one run as one batch, each with its own
+ * events, previews and video; then the engine killed
  * with SIGKILL mid-job: that job fails with a clear error, the server stays up, the next job succeeds.
  */
 import assert from "node:assert/strict";
@@ -15,6 +16,7 @@ import { SubprocessEngine } from "../src/engine/subprocess.ts";
 import { makeTinyCheckpoint } from "../src/engine/tools.ts";
 import { probeVideo } from "../src/media/ffprobe.ts";
 import { Job } from "../src/server/schemas.ts";
+import { pngBytesSize } from "./engine-conformance.ts";
 import { readSse, startTestServer, type SseEvent, type TestServer } from "./fixtures/server.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
 
@@ -51,7 +53,7 @@ describe("kino serve on the real engine, tiny model, CPU", { timeout: 240_000 },
     removeDir(home);
   });
 
-  test("a job over the native API: SSE until completed, the video by Range and whole, checked with ffprobe", async () => {
+  test("a job over the native API: SSE until completed, its previews, the video by Range and whole, checked with ffprobe", async () => {
     const job = await post(JOB);
     const { status, events } = await readSse(`${url}/api/jobs/${job.id}/events`);
     assert.equal(status, 200);
@@ -62,6 +64,16 @@ describe("kino serve on the real engine, tiny model, CPU", { timeout: 240_000 },
     const steps = events.filter((e) => e.event === "progress" && e.data.data.step !== null).map((e) => e.data.data);
     assert.deepEqual(steps.map((s) => s.step), [1, 2, 3, 4]);
     assert.ok(steps.every((s) => s.total === 4 && s.s_per_step > 0));
+    // 4 steps: by default a preview at each (max(1, round(4 / 10))), at the latents' size (64x48 / 8).
+    const previews = events.filter((e) => e.event === "preview").map((e) => e.data.data);
+    assert.deepEqual(previews.map((p) => p.step), [1, 2, 3, 4]);
+    for (const p of previews) {
+      assert.deepEqual([p.total, p.width, p.height], [4, 8, 6]);
+      const res = await fetch(`${url}${p.url}`);
+      assert.equal(res.status, 200);
+      assert.equal(res.headers.get("content-type"), "image/png");
+      assert.deepEqual(pngBytesSize(Buffer.from(await res.arrayBuffer()), `preview ${p.step}`), { width: 8, height: 6 });
+    }
 
     const video = `${url}/api/jobs/${job.id}/video`;
     const part = await fetch(video, { headers: { range: "bytes=0-1023" } });
@@ -82,7 +94,7 @@ describe("kino serve on the real engine, tiny model, CPU", { timeout: 240_000 },
     assert.deepEqual([done.result?.frames, done.result?.width, done.result?.height], [9, 64, 48]);
   });
 
-  test("two jobs of one shape queued behind a running one run as one batch, each with its own events, result and video", async () => {
+  test("two jobs of one shape queued behind a running one run as one batch, each with its own events, previews, result and video", async () => {
     const blocker = await post({ ...JOB, steps: 60, seed: 1 });
     const status = async (id: string) => Job.parse(await (await fetch(`${url}/api/jobs/${id}`)).json()).status;
     while ((await status(blocker.id)) !== "running") await new Promise((r) => setTimeout(r, 10));
@@ -97,6 +109,8 @@ describe("kino serve on the real engine, tiny model, CPU", { timeout: 240_000 },
       assert.match(notice, /runs in one batch with 1 other job of the same model and shape/, `job ${k} ran in the batch`);
       const steps = events.filter((e) => e.event === "progress" && e.data.data.step !== null).map((e) => e.data.data.step);
       assert.deepEqual(steps, [1, 2, 3, 4], `job ${k} has its own step events`);
+      const previews = events.filter((e) => e.event === "preview").map((e) => e.data.data);
+      assert.deepEqual(previews.map((p) => p.url), [1, 2, 3, 4].map((i) => `/api/jobs/${jobs[k]!.id}/previews/${i}`), `job ${k} has its own previews`);
       const done = Job.parse(await (await fetch(`${url}/api/jobs/${jobs[k]!.id}`)).json());
       assert.equal(done.result?.batchSize, 2, "the engine ran both in one loop");
       const bytes = Buffer.from(await (await fetch(`${url}/api/jobs/${jobs[k]!.id}/video`)).arrayBuffer());

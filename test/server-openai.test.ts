@@ -86,6 +86,8 @@ describe("/v1/videos on FakeEngine", () => {
     const done = await waitVideo(video.id, ["completed", "failed"]);
     assert.deepEqual([done.status, done.progress, done.error], ["completed", 100, null]);
     assert.ok(done.completed_at !== null && done.completed_at >= done.created_at);
+    const types = (await t.server.service.events(video.id)).map((e) => e.data.type);
+    assert.ok(types.includes("progress") && !types.includes("preview"), `OpenAI's API cannot show previews, so none are taken: ${types.join(", ")}`);
   });
 
   test("while it runs, progress climbs between 0 and 100 and the status is in_progress", async () => {

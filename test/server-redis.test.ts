@@ -65,6 +65,23 @@ describe("RedisJobStore across nodes", () => {
   });
 });
 
+test("RedisJobStore: a job stored before previews existed (no previewEvery in its submission) reads back with none", async () => {
+  const prefix = freshPrefix();
+  const raw = new Redis(redis.url);
+  const store = new RedisJobStore(new Redis(redis.url), { prefix });
+  try {
+    await store.create(storeId(1), { ...SUBMISSION, previewEvery: 4 }, 1, { type: "queued", position: 1 });
+    const key = `${prefix}:job:${storeId(1)}`;
+    const { previewEvery, ...old } = JSON.parse((await raw.hget(key, "submission"))!) as Record<string, unknown>;
+    assert.equal(previewEvery, 4, "the field is stored");
+    await raw.hset(key, "submission", JSON.stringify(old));
+    assert.equal((await store.get(storeId(1)))?.submission.previewEvery, 0);
+  } finally {
+    raw.disconnect();
+    await store.close();
+  }
+});
+
 /** FakeEngine that counts the jobs it generates, to see which node ran what. */
 class CountingEngine extends FakeEngine {
   static readonly counts = new Map<string, number>();

@@ -60,6 +60,7 @@ const submission = (modelsDir: string): JobSubmission => ({
   params: { prompt: "p", negativePrompt: "", width: 64, height: 48, frames: 5, steps: 2, guidance: 5, shift: null, seed: 1, fps: null },
   dtype: null,
   keepAliveMs: null,
+  previewEvery: 0,
 });
 
 test("jobs a dead server left running: requeued once, failed with INTERRUPTED the second time", async () => {

@@ -13,7 +13,7 @@ import type { DeviceInfo, GenerateResult, JobSpec, LoadResult, ModelSpec } from 
 import { join } from "node:path";
 import { learnedPeaks, PeakLog } from "../src/planner/learn.ts";
 import { planOn } from "../src/server/scheduler/admission.ts";
-import { batchKey } from "../src/server/scheduler/model-spec.ts";
+import { batchKey, jobSpecFor } from "../src/server/scheduler/model-spec.ts";
 import { decideOomRetry, isEngineFailure, pickSlot, restartBackoffMs, type SlotView } from "../src/server/scheduler/policy.ts";
 import { Health, ProcessList } from "../src/server/schemas.ts";
 import { ManualClock, parseSse, SMALL_JOB, submit, waitForStatus, withTestServer, type TestServer } from "./fixtures/server.ts";
@@ -305,13 +305,16 @@ describe("the scheduler's decisions", () => {
     assert.ok(decideOomRetry(0, true).margin > 0.1, "a larger margin than the planner's default");
   });
 
-  test("engine failures, backoff and the batch key", () => {
+  test("engine failures, backoff, the batch key and the job spec's previews", () => {
     for (const code of ["ENGINE_CRASHED", "ENGINE_STALLED", "ENGINE_CLOSED", "ENGINE_UNAVAILABLE"] as const) assert.ok(isEngineFailure(code), code);
     for (const code of ["OOM", "CANCELLED", "BAD_CHECKPOINT", "INTERNAL"] as const) assert.ok(!isEngineFailure(code), code);
     assert.deepEqual([1, 2, 3, 7, 20].map(restartBackoffMs), [1000, 2000, 4000, 60_000, 60_000]);
-    const sub = { model: { name: "tiny", path: "/m", randomWeights: false, tiny: true }, params: { ...SMALL_JOB_PARAMS }, dtype: null, keepAliveMs: null };
+    const sub = { model: { name: "tiny", path: "/m", randomWeights: false, tiny: true }, params: { ...SMALL_JOB_PARAMS }, dtype: null, keepAliveMs: null, previewEvery: 1 };
     assert.equal(batchKey(sub), batchKey({ ...sub, params: { ...sub.params, prompt: "another", seed: 9 } }), "prompt and seed do not change the shape");
+    assert.equal(batchKey(sub), batchKey({ ...sub, previewEvery: 0 }), "previews do not either: the engine takes them per job of a batch");
     assert.notEqual(batchKey(sub), batchKey({ ...sub, params: { ...sub.params, width: 128 } }));
+    assert.deepEqual(jobSpecFor({ ...sub, previewEvery: 3 }, "/v.mp4", null).preview, { every: 3 }, "the engine is asked for the job's previews");
+    assert.equal("preview" in jobSpecFor({ ...sub, previewEvery: 0 }, "/v.mp4", null), false, "previewEvery 0: the engine is asked for none");
   });
 });
 

@@ -1,7 +1,11 @@
-/** The sqlite job store: the JobStore conformance suite, durability across reopening, the single-owner lock. */
+/**
+ * The sqlite job store: the JobStore conformance suite, durability across reopening, the single-owner
+ * lock, and rows written before a field of the submission existed.
+ */
 import assert from "node:assert/strict";
 import { statSync } from "node:fs";
 import { join } from "node:path";
+import { DatabaseSync } from "node:sqlite";
 import { test } from "node:test";
 import type { KinoError } from "../src/errors.ts";
 import { databasePath, SqliteJobStore } from "../src/server/jobs/sqlite-store.ts";
@@ -38,4 +42,23 @@ test("one store per data folder: a second one is refused while the first is open
   await first.close();
   const second = SqliteJobStore.open(dir);
   await second.close();
+});
+
+test("a job stored before previews existed (no previewEvery in its submission) reads back with none", async () => {
+  const dir = join(root, "old-rows");
+  const first = SqliteJobStore.open(dir);
+  await first.create(storeId(1), { ...SUBMISSION, previewEvery: 4 }, 1, { type: "queued", position: 1 });
+  await first.close();
+  const db = new DatabaseSync(databasePath(dir));
+  const row = db.prepare("SELECT submission FROM jobs WHERE id = ?").get(storeId(1)) as { submission: string };
+  const { previewEvery, ...old } = JSON.parse(row.submission) as Record<string, unknown>;
+  assert.equal(previewEvery, 4, "the field is stored");
+  db.prepare("UPDATE jobs SET submission = ? WHERE id = ?").run(JSON.stringify(old), storeId(1));
+  db.close();
+  const second = SqliteJobStore.open(dir);
+  try {
+    assert.equal((await second.get(storeId(1)))?.submission.previewEvery, 0);
+  } finally {
+    await second.close();
+  }
 });

@@ -1,9 +1,10 @@
 /**
  * The web UI in headless Chromium (Debian's chromium, driven by playwright-core), served by kino
  * from the Vite build: on the real engine with the tiny model on the CPU, a job submitted through
- * the form, its live progress and memory chart, the video playing in the gallery, and a screenshot
- * checked; on FakeEngine, a server with an API key (the page asks for it and streams events with
- * fetch) and cancellation. Also the page's pure parts (formatting, the event fold) and POST /api/plan.
+ * the form, its live progress, previews and memory chart, the video playing in the gallery, and a
+ * screenshot checked; on FakeEngine, a server with an API key (the page asks for it, streams events
+ * and fetches previews with it) and cancellation. Also the page's pure parts (formatting, the event
+ * fold) and POST /api/plan.
  */
 import assert from "node:assert/strict";
 import { copyFileSync, existsSync, readFileSync } from "node:fs";
@@ -60,6 +61,46 @@ async function waitForText(page: Page, selector: string, pattern: RegExp, timeou
     await new Promise((r) => setTimeout(r, 20));
   }
   throw new Error(`${selector} never matched ${pattern} in ${timeoutMs} ms; its text: "${text}"`);
+}
+
+/** A preview image as the page loaded it, with what the card said at that moment. */
+interface PreviewLoad {
+  readonly width: number;
+  readonly height: number;
+  readonly label: string;
+  readonly status: string;
+}
+
+/** Records every preview image the page loads (its natural size, its label, the job's status then). */
+async function recordPreviews(page: Page): Promise<() => Promise<PreviewLoad[]>> {
+  await page.evaluate(() => {
+    const loads: unknown[] = [];
+    (window as unknown as { previewLoads: unknown[] }).previewLoads = loads;
+    const image = document.getElementById("preview-image") as HTMLImageElement;
+    image.addEventListener("load", () =>
+      loads.push({
+        width: image.naturalWidth,
+        height: image.naturalHeight,
+        label: document.getElementById("preview-label")?.textContent ?? "",
+        status: document.getElementById("job-status")?.textContent ?? "",
+      }),
+    );
+  });
+  return () => page.evaluate(() => (window as unknown as { previewLoads: PreviewLoad[] }).previewLoads);
+}
+
+/** The preview the card shows now. */
+function shownPreview(page: Page) {
+  return page.$eval("#preview", (figure) => {
+    const image = figure.querySelector("img")!;
+    return {
+      hidden: (figure as HTMLElement).hidden,
+      src: image.src,
+      natural: [image.naturalWidth, image.naturalHeight],
+      shown: [image.clientWidth, image.clientHeight],
+      label: figure.querySelector("figcaption")?.textContent ?? "",
+    };
+  });
 }
 
 /** Waits until the gallery's video of `jobId` has decoded a frame; returns its duration. */
@@ -142,7 +183,7 @@ describe("the web UI on the real engine (tiny model, CPU) in Chromium", { timeou
     assert.equal((await missing.json()).error.code, "ROUTE_NOT_FOUND");
   });
 
-  test("estimate, submit through the form, live progress and memory chart, the video plays in the gallery; screenshot", async () => {
+  test("estimate, submit through the form, live progress, previews and memory chart, the video plays in the gallery; screenshot", async () => {
     const { page, problems } = await openPage(browser, url);
     await waitForText(page, "#health", /engines ok/);
 
@@ -161,6 +202,7 @@ describe("the web UI on the real engine (tiny model, CPU) in Chromium", { timeou
     await page.fill("#steps", "8");
     await page.fill("#seed", "7");
     await waitForText(page, "#estimate", /^160x96, 9 frames, 8 steps: no estimate \(tiny is kino's test model/);
+    const previewLoads = await recordPreviews(page);
     await page.click("#submit");
 
     await page.waitForSelector("#current:not([hidden])");
@@ -169,6 +211,20 @@ describe("the web UI on the real engine (tiny model, CPU) in Chromium", { timeou
     assert.match((await page.textContent("#job-line")) ?? "", /^done: 9 frames 160x96 in .* s\/step · peak RAM \d/);
     assert.equal(await page.$eval("#chart", (c) => (c as HTMLElement).dataset.points), "8", "a RAM sample per step (the CPU has no VRAM)");
     assert.equal(await page.$eval("#chart canvas", (c) => (c as HTMLCanvasElement).width > 0), true);
+
+    // Previews (by default one per step of 8): loaded while the job ran, the latents' size (160x96 / 8).
+    const loads = await previewLoads();
+    const during = loads.filter((l) => l.status === "running");
+    assert.ok(during.length > 0 && during.every((l) => l.width === 20 && l.height === 12), `previews loaded while it ran: ${JSON.stringify(loads)}`);
+    assert.ok(during.every((l) => /^step [1-8]\/8 preview$/.test(l.label)), JSON.stringify(during));
+    // The last one stays after completion, scaled up to the card's width with its aspect ratio.
+    await waitForText(page, "#preview-label", /^step 8\/8 preview$/);
+    const last = await shownPreview(page);
+    assert.equal(last.hidden, false);
+    assert.match(last.src, /^blob:/, "fetched through the API client");
+    assert.deepEqual(last.natural, [20, 12]);
+    assert.ok(last.shown[0]! >= 20 * 10, `scaled up: ${last.shown.join("x")}`);
+    assert.ok(Math.abs(last.shown[0]! / last.shown[1]! - 20 / 12) < 0.05, `its aspect ratio kept: ${last.shown.join("x")}`);
 
     const [job] = (await t.server.service.list({ limit: 1 })).jobs;
     assert.equal(job?.status, "completed");
@@ -186,9 +242,16 @@ describe("the web UI on the real engine (tiny model, CPU) in Chromium", { timeou
     await waitForText(page, "#estimate", /^peak VRAM/);
 
     const file = join(home, "ui.png");
-    await page.screenshot({ path: file, fullPage: false });
+    // The whole page: the preview makes the job's card taller than the viewport leaves room for with
+    // the gallery. The viewport grows to it first, and the gallery's video is let settle after the resize.
+    const height = await page.evaluate(() => document.documentElement.scrollHeight);
+    await page.setViewportSize({ width: VIEWPORT.width, height });
+    await videoPlays(page, job!.id);
+    await page.waitForTimeout(500);
+    await page.screenshot({ path: file });
     const png = PNG.sync.read(readFileSync(file));
-    assert.deepEqual([png.width, png.height], [VIEWPORT.width, VIEWPORT.height]);
+    assert.equal(png.width, VIEWPORT.width);
+    assert.ok(png.height > VIEWPORT.height, `the page below the fold too: ${png.height} px`);
     const colors = new Set<number>();
     for (let i = 0; i < png.data.length; i += 4 * 97) colors.add(png.data.readUInt32BE(i));
     assert.ok(colors.size > 50, `a rendered page, not a blank one: ${colors.size} colors sampled`);
@@ -214,7 +277,7 @@ describe("the web UI with an API key, and cancel (FakeEngine) in Chromium", { ti
     removeDir(t.home);
   });
 
-  test("the page asks for the key, then streams events with it; cancel stops a running job; a finished video plays from a blob", async () => {
+  test("the page asks for the key, then streams events and fetches previews with it; cancel stops a running job; a finished video plays from a blob", async () => {
     const { page, problems } = await openPage(browser, url);
     await page.waitForSelector("#key-form:not([hidden])");
     assert.equal(await page.textContent("#health"), "this server needs an API key");
@@ -237,6 +300,11 @@ describe("the web UI with an API key, and cancel (FakeEngine) in Chromium", { ti
     await page.fill("#steps", "3");
     await page.click("#submit");
     await waitForText(page, "#job-status", /^completed$/);
+    // Its previews, fetched with the key (the route answers 401 without it): the last one stays.
+    await waitForText(page, "#preview-label", /^step 3\/3 preview$/);
+    const preview = await shownPreview(page);
+    assert.deepEqual([preview.hidden, preview.natural], [false, [8, 6]], "64x48: a preview of 8x6");
+    assert.match(preview.src, /^blob:/);
     const [done] = (await t.server.service.list({ limit: 1 })).jobs;
     assert.ok((await videoPlays(page, done!.id)) > 0);
     const src = await page.$eval(`#gallery figure[data-job="${done!.id}"] video`, (v) => (v as HTMLVideoElement).src);

@@ -3,14 +3,16 @@
  * the real one where callers can tell: the same events in the same order (phases start/end, steps
  * 1..n), cancellation honoured between steps, the same error codes for the same situations (not
  * loaded, bad checkpoint, unwritable output, no GPU), and real outputs: ffmpeg's test pattern as an
- * H.264 MP4 and PNG frames of the job's size, length and rate. A batch runs as the engine runs it:
- * shared text encode and denoise phases, a cancelled job answered between steps while the others go
- * on, then each job decoded and written in turn. It knows nothing of tensors.
+ * H.264 MP4 and PNG frames of the job's size, length and rate, and the previews a job asks for (real
+ * PNGs at the latents' size, a gradient whose colour moves with the step). A batch runs as the engine
+ * runs it: shared text encode and denoise phases, a cancelled job answered between steps while the
+ * others go on, then each job decoded and written in turn. It knows nothing of tensors.
  */
 import { constants } from "node:fs";
 import { access, readdir, stat } from "node:fs/promises";
 import { cpus, freemem, totalmem } from "node:os";
 import { dirname } from "node:path";
+import { crc32, deflateSync } from "node:zlib";
 import { z } from "zod";
 import { inspectCheckpoint } from "../catalog/checkpoint.ts";
 import { KinoError } from "../errors.ts";
@@ -52,6 +54,8 @@ interface FakeJob {
 
 /** The model's native frame rate the fake reports (Wan's). */
 const FAKE_FPS = 16;
+/** Pixels per latent pixel on each side (Wan's VAE): previews are the latents' size. */
+const FAKE_VAE_SCALE = 8;
 /** Bytes the fake counts per cached prompt embedding (Wan's 512 x 4096 bf16 tensor). */
 const FAKE_EMBEDDING_BYTES = 512 * 4096 * 2;
 
@@ -186,7 +190,7 @@ export class FakeEngine implements EngineClient {
       device: model.device,
       dtype: model.dtype,
       fps: FAKE_FPS,
-      vaeScaleSpatial: 8,
+      vaeScaleSpatial: FAKE_VAE_SCALE,
       vaeScaleTemporal: 4,
       components,
       loadMs,
@@ -254,7 +258,11 @@ export class FakeEngine implements EngineClient {
         const t0 = performance.now();
         await sleep(this.#stepMs);
         const step: EngineEvent = { kind: "step", i, n: steps, ms: performance.now() - t0, vramBytes: null, ramBytes: process.memoryUsage().rss };
-        for (const j of live) j.options.onEvent?.(step);
+        for (const j of live) {
+          j.options.onEvent?.(step);
+          const preview = previewAt(j.job, i);
+          if (preview !== null) j.options.onEvent?.(preview);
+        }
       }
     });
     for (const j of [...live]) {
@@ -360,6 +368,40 @@ function fakeProbe(gpu: DeviceInfo | undefined, quick: boolean): ProbeResult {
     quick,
     ms: 0,
   };
+}
+
+/** The preview event a job asks for at step `i` (every `preview.every` steps and at the last), or null. */
+function previewAt(job: JobSpec, i: number): EngineEvent | null {
+  if (job.preview === undefined || (i % job.preview.every !== 0 && i !== job.steps)) return null;
+  const width = Math.max(1, Math.floor(job.width / FAKE_VAE_SCALE));
+  const height = Math.max(1, Math.floor(job.height / FAKE_VAE_SCALE));
+  return { kind: "preview", i, n: job.steps, width, height, png: gradientPng(width, height, i / job.steps).toString("base64") };
+}
+
+/** An 8-bit RGB PNG: green across, blue down, red as much as `red` (0..1) says. */
+export function gradientPng(width: number, height: number, red: number): Buffer {
+  const row = 1 + width * 3;
+  const pixels = Buffer.alloc(row * height); // each row: filter type 0 (none), then RGB triples
+  const level = (v: number) => Math.round(255 * Math.min(1, Math.max(0, v)));
+  for (let y = 0; y < height; y++) {
+    for (let x = 0; x < width; x++) {
+      pixels.set([level(red), level(x / Math.max(1, width - 1)), level(y / Math.max(1, height - 1))], y * row + 1 + x * 3);
+    }
+  }
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(width, 0);
+  header.writeUInt32BE(height, 4);
+  header.set([8, 2, 0, 0, 0], 8); // bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace
+  const chunk = (type: string, data: Buffer) => {
+    const body = Buffer.concat([Buffer.from(type, "latin1"), data]);
+    const length = Buffer.alloc(4);
+    length.writeUInt32BE(data.length);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(crc32(body));
+    return Buffer.concat([length, body, crc]);
+  };
+  const signature = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+  return Buffer.concat([signature, chunk("IHDR", header), chunk("IDAT", deflateSync(pixels)), chunk("IEND", Buffer.alloc(0))]);
 }
 
 /** Validates a request body as the real engine does: a mismatch is the control plane's bug. */

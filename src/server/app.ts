@@ -27,6 +27,7 @@ import { checkServeOptions, isLoopbackHost, type ServeOptions } from "./options.
 import type { RouteContext } from "./routes/context.ts";
 import { jobRoutes } from "./routes/jobs.ts";
 import { planRoutes } from "./routes/plan.ts";
+import { previewRoutes } from "./routes/previews.ts";
 import { systemRoutes } from "./routes/system.ts";
 import { videoRoutes } from "./routes/video.ts";
 import { learnedPeaks, PeakLog } from "../planner/learn.ts";
@@ -127,6 +128,7 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
   };
   await app.register(jobRoutes, ctx);
   await app.register(videoRoutes, ctx);
+  await app.register(previewRoutes, ctx);
   await app.register(planRoutes, ctx);
   await app.register(systemRoutes, { ...ctx, info });
   for (const plugin of deps.routes ?? []) await app.register(plugin, ctx);

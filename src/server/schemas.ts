@@ -39,6 +39,11 @@ export const JobRequest = z
       .union([z.string().max(32), z.number()])
       .optional()
       .meta({ description: "How long the model stays loaded after this job: 5m, 30s, 0 (unload), -1 (keep). Default the server's." }),
+    previewEvery: z.number().optional().meta({
+      description:
+        "Whole number ≥ 0: a `preview` event (an image of what the video is becoming) every N denoising steps and at the last; 0: none. " +
+        "Default max(1, round(steps / 10)): about ten per job.",
+    }),
   })
   .meta({ id: "JobRequest" });
 export type JobRequest = z.input<typeof JobRequest>;
@@ -152,6 +157,22 @@ export const JobEventData = z
       /** The engine process's resident memory after the step; null at phase starts. */
       ram_bytes: z.number().int().nullable().default(null),
     }),
+    /**
+     * What the video looks like at a denoising step: the middle frame of the clean video the model
+     * predicts there, at the latents' resolution (width/8 x height/8), as a PNG at `url` (GET
+     * /api/jobs/{id}/previews/{step}). Sent every `previewEvery` steps and at the last; the files of
+     * a job that does not complete are removed with its folder (the url then answers 404).
+     */
+    z.object({
+      type: z.literal("preview"),
+      /** The 1-based denoising step it was taken at. */
+      step: z.number().int().positive(),
+      total: z.number().int().positive(),
+      /** The image's size in pixels. */
+      width: z.number().int().positive(),
+      height: z.number().int().positive(),
+      url: z.string(),
+    }),
     z.object({ type: z.literal("output"), artifact: Artifact }),
     /** A decision taken for the job, with its reason (a retry after OOM, a requeue after a restart …). */
     z.object({ type: z.literal("notice"), message: z.string() }),
@@ -166,6 +187,12 @@ export const TERMINAL_EVENTS: ReadonlySet<JobEventData["type"]> = new Set(["comp
 /** A stored event: `seq` is its SSE id (1, 2, … per job), the Last-Event-ID to resume after. */
 export const JobEvent = z.object({ seq: z.number().int().positive(), jobId: JobId, at: Timestamp, data: JobEventData }).meta({ id: "JobEvent" });
 export type JobEvent = z.infer<typeof JobEvent>;
+
+/** A preview's address: the job and the denoising step it was taken at. */
+export const PreviewParams = z.strictObject({
+  id: JobId,
+  step: z.string().regex(/^[1-9]\d{0,8}$/, "must be a denoising step: a whole number ≥ 1, as the job's preview events name it"),
+});
 
 export const LastEventId = z.string().regex(/^\d{1,15}$/, "must be the id of an event this stream sent (a whole number)");
 

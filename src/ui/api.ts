@@ -58,9 +58,20 @@ export class Api {
 
   /** A URL a <video> or a download link can use: the path itself, or a blob: URL of it when a key is needed. */
   async mediaUrl(path: string): Promise<string> {
-    if (this.#key === null) return path;
-    const res = await this.fetch(path);
-    if (!res.ok) throw new ApiError(res.status, { code: "HTTP_ERROR", message: `${path}: HTTP ${res.status}`, field: null });
+    return this.#key === null ? path : this.objectUrl(path);
+  }
+
+  /**
+   * What the path answers, fetched with the key (when there is one) into a blob: URL; the caller
+   * revokes it (URL.revokeObjectURL) once it is no longer shown.
+   * @throws ApiError with the server's code and message
+   */
+  async objectUrl(path: string, signal?: AbortSignal): Promise<string> {
+    const res = await this.fetch(path, { signal });
+    if (!res.ok) {
+      const answer = (await res.json().catch(() => null)) as { error?: ErrorInfo } | null;
+      throw new ApiError(res.status, answer?.error ?? { code: "HTTP_ERROR", message: `${path}: HTTP ${res.status}`, field: null });
+    }
     return URL.createObjectURL(await res.blob());
   }
 }

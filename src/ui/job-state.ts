@@ -1,10 +1,12 @@
 /**
  * What the page shows of the job it follows, folded from the job's events (the same events the SSE
- * stream carries): status, the latest progress, and the memory series for the chart. Pure (no DOM).
+ * stream carries): status, the latest progress and preview, and the memory series for the chart.
+ * Pure (no DOM).
  */
 import type { ErrorInfo, JobEventData, JobResult, JobStatus } from "../server/schemas.ts";
 
 type Progress = Extract<JobEventData, { type: "progress" }>;
+export type Preview = Extract<JobEventData, { type: "preview" }>;
 
 export interface MemorySeries {
   /** Denoising step of each sample. */
@@ -17,6 +19,8 @@ export interface MemorySeries {
 export interface JobState {
   readonly status: JobStatus;
   readonly progress: Progress | null;
+  /** The latest preview (its url serves the image); it stays after the job ends. */
+  readonly preview: Preview | null;
   /** The model being loaded for the job; null once it runs. */
   readonly loading: string | null;
   /** The latest decision the server took for the job (tiny model made, requeued …). */
@@ -26,7 +30,16 @@ export interface JobState {
   readonly memory: MemorySeries;
 }
 
-export const INITIAL: JobState = { status: "queued", progress: null, loading: null, notice: null, error: null, result: null, memory: { step: [], vram: [], ram: [] } };
+export const INITIAL: JobState = {
+  status: "queued",
+  progress: null,
+  preview: null,
+  loading: null,
+  notice: null,
+  error: null,
+  result: null,
+  memory: { step: [], vram: [], ram: [] },
+};
 
 const GiB = 2 ** 30;
 
@@ -52,6 +65,8 @@ export function applyEvent(state: JobState, event: JobEventData): JobState {
         memory: { step: [...step, event.step], vram: [...vram, gib(event.vram_bytes)], ram: [...ram, gib(event.ram_bytes)] },
       };
     }
+    case "preview":
+      return { ...state, preview: event };
     case "output":
       return state;
     case "completed":

@@ -1,7 +1,7 @@
 /**
  * kino's web page: a job form with the planner's estimate, the followed job's live progress (s/step,
- * ETA), its memory chart and a cancel button, and the gallery of finished videos. Talks only to the
- * native API of the server that serves it.
+ * ETA), its latest preview image, its memory chart and a cancel button, and the gallery of finished
+ * videos. Talks only to the native API of the server that serves it.
  */
 import type { Health, Job, JobEvent, ModelList, PlanEstimate } from "../server/schemas.ts";
 import { Api, ApiError } from "./api.ts";
@@ -10,11 +10,13 @@ import { followJob } from "./events.ts";
 import { estimateLine, progressLine, resultLine } from "./format.ts";
 import { Gallery } from "./gallery.ts";
 import { applyEvent, INITIAL, type JobState } from "./job-state.ts";
+import { PreviewPane } from "./preview.ts";
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
 const api = new Api();
 const gallery = new Gallery(api, $("gallery"));
+const preview = new PreviewPane(api, $("preview"));
 let chart: MemoryChart | null = null;
 let following: AbortController | null = null;
 
@@ -98,6 +100,7 @@ function showJob(id: string, state: JobState): void {
             : progressLine(p);
   $("job-notice").textContent = state.notice ?? "";
   $<HTMLButtonElement>("cancel").disabled = !(state.status === "queued" || state.status === "running");
+  if (state.preview !== null) preview.show(state.preview);
   chart ??= new MemoryChart($("chart"));
   chart.show(state.memory);
 }
@@ -107,6 +110,8 @@ async function follow(job: Job): Promise<void> {
   const controller = new AbortController();
   following = controller;
   let state: JobState = INITIAL;
+  // The last job's preview stays until now.
+  preview.clear();
   $("cancel").dataset.job = job.id;
   showJob(job.id, state);
   try {

@@ -1,8 +1,8 @@
 /**
  * A job request checked and resolved into a submission, before anything is stored: the body's types,
  * the model's shape rules (the same checks as `kino generate`), the model (catalog ids and auto
- * only: a server does not load folders named by its clients), the defaults, a seed, and admission
- * through the planner.
+ * only: a server does not load folders named by its clients), the defaults, a seed, how often it
+ * previews, and admission through the planner.
  */
 import { randomInt } from "node:crypto";
 import { buildJob } from "../../api/generate.ts";
@@ -23,10 +23,11 @@ import type { JobSubmission } from "./store.ts";
 export async function prepareSubmission(body: unknown, machine: MachineFacts, modelsDir: string): Promise<JobSubmission> {
   const request = parseInput(JobRequest, body, "body");
   const catalog = requestedModel(request.model);
-  const { keepAlive, ...asked } = request;
+  const { keepAlive, previewEvery, ...asked } = request;
   // The CLI's options minus what a server decides itself (device, outputs, compile).
   const options: ParsedGenerateOptions = { ...asked, compile: false, out: "" };
   checkNumbers(options, catalog?.shape ?? WAN21_SHAPE);
+  checkPreviewEvery(previewEvery);
   const keepAliveMs = keepAlive === undefined ? null : parseKeepAlive(keepAlive, "keepAlive");
   if (catalog === null && request.randomWeights) {
     throw new KinoError("INVALID_ARGUMENT", "random weights need a catalog model named explicitly (wan2.1-t2v-1.3b or wan2.1-t2v-14b), not auto", {
@@ -45,7 +46,22 @@ export async function prepareSubmission(body: unknown, machine: MachineFacts, mo
     params,
     dtype: request.dtype ?? null,
     keepAliveMs,
+    previewEvery: previewEvery ?? defaultPreviewEvery(params.steps),
   };
+}
+
+/** The previews a job gets unless it asks otherwise: about ten, whatever its steps. */
+export function defaultPreviewEvery(steps: number): number {
+  return Math.max(1, Math.round(steps / 10));
+}
+
+/** @throws KinoError INVALID_ARGUMENT naming previewEvery unless it is absent or a whole number ≥ 0 */
+function checkPreviewEvery(every: number | undefined): void {
+  if (every !== undefined && !(Number.isSafeInteger(every) && every >= 0)) {
+    throw new KinoError("INVALID_ARGUMENT", `must be a whole number ≥ 0: a preview every N denoising steps, 0 for none (default: every tenth of the steps); got ${every}`, {
+      field: "previewEvery",
+    });
+  }
 }
 
 /**

@@ -1,16 +1,16 @@
 /**
  * The job service: what every API does with jobs, whatever its wire format. The native routes
  * (routes/jobs.ts) and the OpenAI-compatible /v1/videos routes (openai/) call it: submit, look up,
- * list, cancel, delete, follow the events, find the video.
+ * list, cancel, delete, follow the events, find the video and the previews.
  */
 import { randomUUID } from "node:crypto";
-import { rm, stat } from "node:fs/promises";
+import { readFile, rm, stat } from "node:fs/promises";
 import { listModels } from "../../api/models.ts";
 import { KinoError, toKinoError } from "../../errors.ts";
 import type { Scheduler } from "../scheduler/scheduler.ts";
 import { TERMINAL_EVENTS, TERMINAL_STATUSES, type Job, type JobStatus, type PlanEstimate } from "../schemas.ts";
 import { estimateJob } from "./estimate.ts";
-import { jobFile, jobFolder } from "./files.ts";
+import { jobFile, jobFolder, previewFile } from "./files.ts";
 import type { JobJournal } from "./journal.ts";
 import { prepareSubmission } from "./prepare.ts";
 import type { StoredEvent, StoredJob } from "./store.ts";
@@ -207,6 +207,29 @@ export class JobService {
     const file = await stat(path).catch(() => null);
     if (file === null || !file.isFile()) throw new KinoError("VIDEO_NOT_AVAILABLE", `the video of job ${id} is no longer in the data folder`, { field: "id" });
     return { path, bytes: file.size, contentType: artifact.contentType, fileName: `${id}.mp4` };
+  }
+
+  /**
+   * The PNG of the preview a job took at a denoising step (its `preview` events name them).
+   * @throws KinoError JOB_NOT_FOUND, PREVIEW_NOT_FOUND
+   */
+  async preview(id: string, step: number): Promise<Buffer> {
+    const job = await this.#find(id);
+    const png = await readFile(previewFile(this.#deps.dataDir, id, step)).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === "ENOENT" || err.code === "ENOTDIR" || err.code === "EISDIR") return null;
+      throw err;
+    });
+    if (png !== null) return png;
+    const every = job.submission.previewEvery;
+    const why =
+      every === 0
+        ? "it takes no previews (previewEvery 0)"
+        : job.status === "queued" || job.status === "running"
+          ? `none was taken there yet (it takes one every ${every} steps and at the last; follow its preview events)`
+          : job.status === "completed"
+            ? `none was taken there (it took one every ${every} steps and at the last; its preview events name them)`
+            : `the previews of a job that ${job.status === "cancelled" ? "was cancelled" : "failed"} are not kept`;
+    throw new KinoError("PREVIEW_NOT_FOUND", `job ${id} has no preview of step ${step}: ${why}`, { field: "step" });
   }
 
   /** The catalog, what is downloaded, and which engines hold each model. */

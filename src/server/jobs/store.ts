@@ -28,6 +28,11 @@ export const JobSubmission = z.object({
   dtype: z.enum(["bf16", "fp16", "fp32"]).nullable(),
   /** The request's keep-alive in ms (see ServeOptions.keepAliveMs); null: the server's. */
   keepAliveMs: z.number().nullable(),
+  /**
+   * A preview every this many denoising steps (and at the last), the request's or the server's
+   * default resolved; 0: none. Jobs stored before previews existed have none: 0.
+   */
+  previewEvery: z.number().int().nonnegative().default(0),
 });
 export type JobSubmission = z.infer<typeof JobSubmission>;
 

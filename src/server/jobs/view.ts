@@ -3,6 +3,8 @@ import type { Artifact, Job } from "../schemas.ts";
 import type { StoredArtifact, StoredJob } from "./store.ts";
 
 export const jobUrl = (id: string) => `/api/jobs/${id}`;
+/** Where the preview a job took at a denoising step is served. */
+export const previewUrl = (id: string, step: number) => `${jobUrl(id)}/previews/${step}`;
 
 export function artifactView(jobId: string, a: StoredArtifact): Artifact {
   return { id: a.id, kind: a.kind, contentType: a.contentType, bytes: a.bytes, url: `${jobUrl(jobId)}/video` };

@@ -36,7 +36,8 @@ export function toJobRequest(body: VideoCreateBody): JobRequest {
   if (model === undefined) {
     throw invalid("model", `"${modelId.slice(0, 100)}" is not a model this server runs (OpenAI's models are not kino's); use one of ${catalogIds().join(", ")} or auto (GET /api/models)`);
   }
-  const request: JobRequest = { model: modelId, prompt: body.prompt };
+  // OpenAI's video API has no way to show previews: none are taken.
+  const request: JobRequest = { model: modelId, prompt: body.prompt, previewEvery: 0 };
   if (body.size !== undefined) request.size = checkSize(body.size, model);
   if (body.seconds !== undefined) request.frames = secondsToFrames(body.seconds, model);
   if (body.negative_prompt !== undefined) request.negativePrompt = body.negative_prompt;

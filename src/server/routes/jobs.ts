@@ -78,8 +78,9 @@ export async function jobRoutes(app: FastifyInstance, ctx: RouteContext): Promis
     operationId: "jobEvents",
     summary: "Follow a job's events (server-sent events)",
     description:
-      "Events: queued, started, model.loading, progress, output, notice, then exactly one of completed, failed, cancelled, after which the " +
-      "stream ends. Each has an id; reconnecting with Last-Event-ID (or ?after=) replays what came after it.",
+      "Events: queued, started, model.loading, progress, preview (an image at a denoising step, served at its url), output, notice, then " +
+      "exactly one of completed, failed, cancelled, after which the stream ends. Each has an id; reconnecting with Last-Event-ID (or ?after=) " +
+      "replays what came after it.",
     tags: ["jobs"],
     params: JobIdParams,
     query: z.strictObject({ after: LastEventId.optional() }),

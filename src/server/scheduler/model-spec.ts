@@ -18,7 +18,10 @@ export function modelIdentity(s: JobSubmission): string {
   return JSON.stringify([s.model.name, s.model.path, s.model.randomWeights, s.dtype]);
 }
 
-/** Jobs with equal keys could share one batched forward (see policy.ts `selectBatch`). */
+/**
+ * Jobs with equal keys could share one batched forward (see policy.ts `selectBatch`). Previews are
+ * not part of it: the engine takes them per job within a batch.
+ */
 export function batchKey(s: JobSubmission): string {
   const p = s.params;
   return JSON.stringify([modelIdentity(s), p.width, p.height, p.frames, p.steps, p.guidance, p.shift]);
@@ -58,6 +61,12 @@ export function sameLoad(a: ModelSpec, b: ModelSpec): boolean {
   return JSON.stringify(a) === JSON.stringify(b);
 }
 
+/** What the engine runs: the job's parameters, its output, the plan's job fields and its previews (where it has any). */
 export function jobSpecFor(s: JobSubmission, video: string, plan: Plan | null): JobSpec {
-  return { ...s.params, output: { video, framesDir: null }, ...(plan === null ? {} : jobFieldsOf(plan)) };
+  return {
+    ...s.params,
+    output: { video, framesDir: null },
+    ...(plan === null ? {} : jobFieldsOf(plan)),
+    ...(s.previewEvery > 0 ? { preview: { every: s.previewEvery } } : {}),
+  };
 }

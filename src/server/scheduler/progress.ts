@@ -9,7 +9,7 @@ export class ProgressTracker {
   #stepMs = 0;
   #steps = 0;
 
-  /** The progress event for an engine event, or null for those clients are not told (phase ends, logs, load bytes). */
+  /** The progress event for an engine event, or null for those clients are not told (phase ends, logs, load bytes) or told otherwise (previews: previews.ts). */
   toEvent(event: EngineEvent): JobEventData | null {
     if (event.kind === "phase" && event.state === "start" && event.phase !== "load") {
       return { type: "progress", phase: event.phase, step: null, total: null, s_per_step: null, eta: null, vram_bytes: null, ram_bytes: null };

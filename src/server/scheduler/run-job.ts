@@ -2,7 +2,8 @@
  * Runs one job, or the jobs of a batch, on one engine slot, from "started" to each job's terminal
  * event: make the tiny model if needed, plan for the engine's GPU, load the model unless the engine
  * holds it with that plan, generate into a temporary file in each job's folder, rename it into place,
- * record the artifact and the result. How each job ends:
+ * record the artifact and the result; on the way, its progress and previews (previews.ts) as events.
+ * How each job ends:
  *
  * - completed: the video is at <dataDir>/jobs/<id>/video.mp4;
  * - cancelled: the client asked (the engine stops between steps);
@@ -29,6 +30,7 @@ import { learnedPeaks } from "../../planner/learn.ts";
 import { planOn } from "./admission.ts";
 import { jobSpecFor, modelIdentity, modelSpecFor, sameLoad } from "./model-spec.ts";
 import { batchKeepAlive, batchOomRetryReason, decideOomRetry, isEngineFailure } from "./policy.ts";
+import { PreviewRecorder } from "./previews.ts";
 import { ProgressTracker } from "./progress.ts";
 import type { EngineSlot } from "./slot.ts";
 import { ensureTinyModel, hasCheckpoint, type MakeTiny } from "./tiny-model.ts";
@@ -52,11 +54,12 @@ export interface RunJobDeps {
   readonly defaultKeepAliveMs: number;
 }
 
-/** A job of a run, with what ends it and where its video is written first. */
+/** A job of a run, with what ends it, where its video is written first, and its previews. */
 interface Member {
   readonly job: StoredJob;
   readonly signal: AbortSignal;
   readonly partial: string;
+  readonly previews: PreviewRecorder;
 }
 
 /** Runs the job to its end; never rejects (every outcome is recorded on the job). */
@@ -74,6 +77,7 @@ export async function runJobs(jobs: readonly StoredJob[], slot: EngineSlot, sign
     job,
     signal: signals[k]!,
     partial: join(jobFolder(deps.dataDir, job.id), `.video-${job.attempts + 1}.partial.mp4`),
+    previews: new PreviewRecorder(job.id, deps),
   }));
   let outcomes: Promise<GenerateResult>[];
   try {
@@ -116,6 +120,10 @@ async function start(members: readonly Member[], slot: EngineSlot, deps: RunJobD
 async function finish(m: Member, outcome: Promise<GenerateResult>, deps: RunJobDeps): Promise<boolean> {
   const { journal } = deps;
   const id = m.job.id;
+  // Its previews before its end: the last preview event precedes the terminal one, and no write is
+  // left in flight to recreate the folder removed below.
+  await outcome.catch(() => {});
+  await m.previews.close();
   try {
     const result = await outcome;
     const video = jobFile(deps.dataDir, id, VIDEO_FILE);
@@ -148,12 +156,13 @@ async function ensureLoaded(members: readonly Member[], slot: EngineSlot, plan: 
   }
 }
 
-/** The job's engine events as its progress events. */
-function progressOf(id: string, deps: RunJobDeps): (event: EngineEvent) => void {
+/** The job's engine events as its progress events, and its previews (written, then announced). */
+function progressOf(m: Member, deps: RunJobDeps): (event: EngineEvent) => void {
   const progress = new ProgressTracker();
   return (event) => {
+    if (event.kind === "preview") return m.previews.add(event);
     const data = progress.toEvent(event);
-    if (data !== null) void deps.journal.note(id, data).catch(() => {});
+    if (data !== null) void deps.journal.note(m.job.id, data).catch(() => {});
   };
 }
 
@@ -172,7 +181,7 @@ async function generateWithOomRetry(m: Member, slot: EngineSlot, deps: RunJobDep
     await ensureLoaded([m], slot, plan, deps);
     throwIfAborted(m.signal);
     try {
-      const result = await slot.generate(jobSpecFor(submission, m.partial, plan), { signal: m.signal, onEvent: progressOf(id, deps) });
+      const result = await slot.generate(jobSpecFor(submission, m.partial, plan), { signal: m.signal, onEvent: progressOf(m, deps) });
       if (plan !== null && result.phasePeakVramBytes != null) {
         // A job run alone measured its plan's peaks: they correct the next plans (planner/learn.ts).
         await learnedPeaks.record(plan, result.phasePeakVramBytes).catch((e: Error) => deps.logger.warn(`job ${id}: could not record the measured peaks: ${e.message}`));
@@ -200,7 +209,7 @@ async function generateTogether(members: readonly Member[], slot: EngineSlot, de
   const plan = planFor(members[0]!.job.submission, slot);
   await ensureLoaded(members, slot, plan, deps);
   const answers = slot.generateBatch(
-    members.map((m) => ({ job: jobSpecFor(m.job.submission, m.partial, plan), signal: m.signal, onEvent: progressOf(m.job.id, deps) })),
+    members.map((m) => ({ job: jobSpecFor(m.job.submission, m.partial, plan), signal: m.signal, onEvent: progressOf(m, deps) })),
   );
   let alone: Promise<unknown> = Promise.allSettled(answers);
   return answers.map((answer, k) =>
