@@ -4,7 +4,7 @@
  * and Ctrl-C → CANCELLED → exit 130 with nothing written.
  */
 import assert from "node:assert/strict";
-import { existsSync, mkdirSync, readdirSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { resolveConfig } from "../src/config/config.ts";
@@ -14,6 +14,7 @@ import type { EngineClient } from "../src/engine/client.ts";
 import { FakeEngine } from "../src/engine/fake.ts";
 import { probeVideo } from "../src/media/ffprobe.ts";
 import type { DeviceInfo, ModelSpec } from "../src/protocol/engine.ts";
+import { pngBytesSize } from "./engine-conformance.ts";
 import { writeFakeCheckpoint } from "./fixtures/checkpoint.ts";
 import { runKino } from "./fixtures/cli.ts";
 import { removeDir, tempDir } from "./fixtures/temp.ts";
@@ -78,6 +79,38 @@ describe("kino generate over the FakeEngine", () => {
     const compiled = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", ...SMALL, "--out", "rt2.mp4", "--compile"], { home, engine: engine.make });
     assert.equal(compiled.code, 0, compiled.stderr);
     assert.equal(engine.loaded[1]?.runtime?.compile, true, "--compile did not reach the engine");
+  });
+
+  test("--preview keeps the latest preview in a PNG at the latents' size; --preview-every sets how often", async () => {
+    const ckpt = writeFakeCheckpoint(join(home, "preview-ckpt"));
+    const seen: number[] = [];
+    const make = () => {
+      const engine = new FakeEngine();
+      const generate = engine.generate.bind(engine);
+      engine.generate = (job, options) =>
+        generate(job, { ...options, onEvent: (e) => (e.kind === "preview" && seen.push(e.i), options?.onEvent?.(e)) });
+      return engine;
+    };
+    const r = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", "--size", "64x48", "--frames", "5", "--steps", "5", "--out", "p.mp4", "--preview", "p.png", "--preview-every", "2", "--json"], { home, engine: make });
+    assert.equal(r.code, 0, r.stderr);
+    assert.deepEqual(JSON.parse(r.stdout).job.preview, { every: 2 });
+    assert.deepEqual(seen, [2, 4, 5], "every 2 steps and the last");
+    assert.deepEqual(pngBytesSize(readFileSync(join(home, "p.png")), "the preview file"), { width: 8, height: 6 });
+    assert.ok(!existsSync(join(home, "p.png.partial")), "no temporary left behind");
+
+    const summary = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", ...SMALL, "--out", "q.mp4", "--preview", "q.png"], { home });
+    assert.equal(summary.code, 0, summary.stderr);
+    assert.ok(summary.stderr.includes(`preview ${join(home, "q.png")} (the last, every 1 steps)`), "3 steps: about ten per run means every step");
+
+    const bad = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", ...SMALL, "--out", "b.mp4", "--preview", "b.jpg"], { home });
+    assert.equal(bad.code, 2, bad.stderr);
+    assert.match(bad.stderr, /preview.*must be a file path ending in \.png/);
+    const orphan = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", ...SMALL, "--out", "o.mp4", "--preview-every", "2"], { home });
+    assert.equal(orphan.code, 2, orphan.stderr);
+    assert.match(orphan.stderr, /add --preview FILE\.png/);
+    const zero = await runKino(["generate", "--model", ckpt, "--prompt", "a fox", ...SMALL, "--out", "z.mp4", "--preview", "z.png", "--preview-every", "0"], { home });
+    assert.equal(zero.code, 2, zero.stderr);
+    assert.match(zero.stderr, /preview-every|previewEvery/);
   });
 
   test("without --json: notices, plain progress lines off a terminal, and a closing summary on stderr", async () => {

@@ -16,6 +16,7 @@ import {
   HelloResult,
   LoadResult,
   PROTOCOL_VERSION,
+  PrewarmResult,
   ProbeResult,
   type EngineEvent,
   type JobSpec,
@@ -162,9 +163,10 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
       }
     });
 
-    test("generate before load answers MODEL_NOT_LOADED", async () => {
+    test("generate and prewarm before load answer MODEL_NOT_LOADED", async () => {
       await rejectsWith(engine.generate(job(join(scratch, "early.mp4"))), "MODEL_NOT_LOADED");
       assert.equal(existsSync(join(scratch, "early.mp4")), false);
+      await rejectsWith(engine.prewarm(job(join(scratch, "early.mp4"))), "MODEL_NOT_LOADED");
     });
 
     test("a folder without model_index.json answers BAD_CHECKPOINT", async () => {
@@ -209,6 +211,14 @@ export function engineConformance(name: string, makeTarget: () => Promise<Confor
       assert.deepEqual([probe.width, probe.height, probe.frames], [target.job.width, target.job.height, target.job.frames]);
       assert.ok(Math.abs(probe.fps - result.fps) < 0.01, `video at ${probe.fps} fps, result says ${result.fps}`);
       assert.deepEqual(readdirSync(scratch).filter((f) => f.startsWith(".")), [], "no temporary files are left behind");
+    });
+
+    test("prewarm: one forward at the job's shape for a batch of that many jobs, nothing written", async () => {
+      const out = join(scratch, "prewarm.mp4");
+      const warm = PrewarmResult.parse(await engine.prewarm({ ...job(out), preview: { every: 1 } }, 2));
+      assert.equal(warm.jobs, 2);
+      assert.ok(warm.ms > 0, `a forward takes time: ${warm.ms} ms`);
+      assert.equal(existsSync(out), false, "a prewarm writes no output");
     });
 
     test("frames dir: one PNG per frame at the job's size, and the asked fps", async () => {

@@ -18,7 +18,7 @@ import { FakeEngine } from "../src/engine/fake.ts";
 import { KinoError } from "../src/errors.ts";
 import type { EngineEvent } from "../src/protocol/engine.ts";
 import { jobFolder, PREVIEWS_FOLDER } from "../src/server/jobs/files.ts";
-import { defaultPreviewEvery } from "../src/server/jobs/prepare.ts";
+import { defaultPreviewEvery } from "../src/api/generate-options.ts";
 import { Job } from "../src/server/schemas.ts";
 import { pngBytesSize, previewSteps } from "./engine-conformance.ts";
 import { parseSse, readSse, SMALL_JOB, startTestServer, submit, waitForStatus, withTestServer, type SseEvent, type TestServer } from "./fixtures/server.ts";

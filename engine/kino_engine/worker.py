@@ -211,7 +211,8 @@ class Worker:
             self._forget(request.id)
             self._send(result_message(request.id, result))
             # A batch whose jobs did not all complete may have left memory behind (an OOM in a decode).
-            failed = any(job["status"] != "completed" for job in result.get("jobs", ()))
+            if isinstance(request, GenerateBatchRequest):
+                failed = any(job["status"] != "completed" for job in result["jobs"])
         finally:
             self._forget(request.id)
             for job in request.jobs if isinstance(request, GenerateBatchRequest) else ():

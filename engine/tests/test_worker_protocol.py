@@ -235,5 +235,7 @@ def test_prewarm_runs_at_a_batch_shape_and_needs_a_model(schema: dict, tiny_chec
         job = generate_request("x", preview={"every": 1})["job"]
         answer, _ = process.request({"type": "prewarm", "id": "warm", "job": job, "jobs": 2})
         assert answer["type"] == "result" and answer["result"]["jobs"] == 2 and answer["result"]["ms"] > 0, answer
+        after, _ = process.request(generate_request("after", steps=1))
+        assert after["type"] == "result", f"the worker must serve on after a prewarm: {after}"
     finally:
         process.close()

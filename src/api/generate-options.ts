@@ -53,6 +53,10 @@ export const GenerateOptions = z.object({
   out: z.string(),
   /** A folder for the PNG frames; must not exist or be empty. */
   framesDir: z.string().optional(),
+  /** A PNG that shows the video as it denoises: the latest preview, replaced as each arrives. */
+  preview: z.string().optional(),
+  /** Steps between previews (and one at the last). @default about ten per run: max(1, round(steps / 10)) */
+  previewEvery: z.number().optional(),
 });
 export type GenerateOptions = z.input<typeof GenerateOptions>;
 export type ParsedGenerateOptions = z.output<typeof GenerateOptions>;
@@ -103,6 +107,9 @@ export function checkNumbers(o: ParsedGenerateOptions, shape: ShapeRules): void 
   if (o.seed !== undefined && (!Number.isInteger(o.seed) || o.seed < 0 || o.seed > MAX_SEED)) {
     throw invalid("seed", `must be a whole number from 0 to ${MAX_SEED}; got ${o.seed}`);
   }
+  if (o.previewEvery !== undefined && (!Number.isInteger(o.previewEvery) || o.previewEvery < 1)) {
+    throw invalid("previewEvery", `must be a whole number of steps ≥ 1; got ${o.previewEvery}`);
+  }
   if (o.fps !== undefined && !(Number.isFinite(o.fps) && o.fps > 0 && o.fps <= 240)) {
     throw invalid("fps", `must be a number above 0 and at most 240 (Wan's is 16); got ${o.fps}`);
   }
@@ -112,6 +119,13 @@ export function checkNumbers(o: ParsedGenerateOptions, shape: ShapeRules): void 
 export interface CheckedOutputs {
   readonly video: string;
   readonly framesDir: string | null;
+  /** The preview PNG, replaced as the run goes; absent or null: no previews. */
+  readonly preview?: string | null;
+}
+
+/** Previews per run when the caller names none: about ten. */
+export function defaultPreviewEvery(steps: number): number {
+  return Math.max(1, Math.round(steps / 10));
 }
 
 /** Checks the output paths on disk: nothing is written yet, so a bad one costs nothing. */
@@ -135,7 +149,17 @@ export async function checkOutputs(o: ParsedGenerateOptions, cwd: string): Promi
       await checkWritableFolder(dirname(framesDir), "framesDir");
     }
   }
-  return { video, framesDir };
+  let preview: string | null = null;
+  if (o.previewEvery !== undefined && o.preview === undefined) {
+    throw invalid("previewEvery", "sets how often previews come, but none were asked for: add --preview FILE.png (where to write them)");
+  }
+  if (o.preview !== undefined) {
+    preview = resolve(cwd, o.preview);
+    if (!preview.toLowerCase().endsWith(".png")) throw invalid("preview", `must be a file path ending in .png; got "${o.preview}"`);
+    if (await isDirectory(preview)) throw invalid("preview", `${preview} is a folder; give a file path ending in .png`);
+    await checkWritableFolder(dirname(preview), "preview");
+  }
+  return { video, framesDir, preview };
 }
 
 async function checkWritableFolder(dir: string, field: string): Promise<void> {

@@ -5,6 +5,7 @@
  * decision is reported as a notice with its reason.
  */
 import { randomBytes, randomInt } from "node:crypto";
+import { renameSync, writeFileSync } from "node:fs";
 import { mkdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { KinoConfig } from "../config/config.ts";
@@ -33,6 +34,7 @@ import { parseByteSize, parseMemoryLevel, parseWeights } from "./plan.ts";
 import {
   checkNumbers,
   checkOutputs,
+  defaultPreviewEvery,
   DTYPE_NAMES,
   GenerateOptions,
   parseSize,
@@ -86,6 +88,8 @@ export interface GenerateOutcome {
   readonly plan: Plan | null;
   /** Wall time of the whole call, engine start included. */
   readonly wallMs: number;
+  /** Where the previews were written (the last one stays); null without --preview. */
+  readonly preview: string | null;
 }
 
 /**
@@ -161,8 +165,9 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
     throwIfCancelled(signal);
     let result: GenerateResult;
     let plan = planned;
+    const onEvent = previewWriter(prepared.outputs.preview ?? null, hooks.onEvent, notice);
     try {
-      result = await engine.generate(job, { onEvent: hooks.onEvent, signal });
+      result = await engine.generate(job, { onEvent, signal });
     } catch (err) {
       // Out of memory with a plan: the engine freed what it could; retry once with a safer plan
       // (a quarter of the budget kept free instead of a tenth), and say why.
@@ -174,7 +179,7 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
       job = { ...baseJob, ...jobFieldsOf(safer) };
       spec = planSpec(safer);
       load = await cancellableLoad(engine, spec, hooks);
-      result = await engine.generate(job, { onEvent: hooks.onEvent, signal });
+      result = await engine.generate(job, { onEvent, signal });
     }
     if (plan !== null && result.phasePeakVramBytes != null) {
       // What this run measured corrects the next plans for this model on this GPU (planner/learn.ts).
@@ -196,6 +201,7 @@ export async function generateVideo(input: GenerateOptions, deps: GenerateDeps, 
       result,
       plan,
       wallMs: performance.now() - started,
+      preview: prepared.outputs.preview ?? null,
     };
   } catch (err) {
     // A cancel that stopped the engine surfaces as ENGINE_CLOSED; the user asked for it, so say so.
@@ -299,6 +305,29 @@ export function choosePlacement(
   return { device, dtype, reason };
 }
 
+/**
+ * The engine's events on to `onEvent`, with each preview also written to `path` (a temporary name,
+ * then renamed over the last one, so a viewer never reads half a PNG). A failed write is said once
+ * and the run goes on.
+ */
+export function previewWriter(path: string | null, onEvent: ((e: EngineEvent) => void) | undefined, notice: (m: string) => void): (e: EngineEvent) => void {
+  if (path === null) return (e) => onEvent?.(e);
+  const partial = `${path}.partial`;
+  let failed = false;
+  return (e) => {
+    if (e.kind === "preview" && !failed) {
+      try {
+        writeFileSync(partial, Buffer.from(e.png, "base64"));
+        renameSync(partial, path);
+      } catch (err) {
+        failed = true;
+        notice(`could not write the preview ${path}: ${(err as Error).message}; the run goes on without it`);
+      }
+    }
+    onEvent?.(e);
+  };
+}
+
 /** The protocol's job: the request's values, the model's defaults for the rest. */
 export function buildJob(options: ParsedGenerateOptions, model: ResolvedModel, outputs: CheckedOutputs, seed: number): JobSpec {
   const d = model.defaults;
@@ -315,6 +344,7 @@ export function buildJob(options: ParsedGenerateOptions, model: ResolvedModel, o
     seed,
     fps: options.fps ?? null,
     output: { video: outputs.video, framesDir: outputs.framesDir },
+    ...(outputs.preview == null ? {} : { preview: { every: options.previewEvery ?? defaultPreviewEvery(options.steps ?? d.steps) } }),
   };
 }
 

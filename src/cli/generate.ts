@@ -3,7 +3,7 @@ import { Command, Option } from "commander";
 import { generateVideo, type GenerateOutcome } from "../api/generate.ts";
 import type { GenerateOptions } from "../api/generate-options.ts";
 import type { CliContext } from "./context.ts";
-import { numberFlag } from "./flags.ts";
+import { integerFlag, numberFlag } from "./flags.ts";
 import { bytes, seconds } from "./format.ts";
 import { addJobShapeOptions, jobShape, type JobShapeFlags } from "./job-flags.ts";
 import { ProgressReporter } from "./progress.ts";
@@ -22,6 +22,8 @@ interface GenerateFlags extends JobShapeFlags {
   memoryLevel?: string;
   precision?: string;
   framesDir?: string;
+  preview?: string;
+  previewEvery?: string;
   out: string;
   json?: boolean;
 }
@@ -43,6 +45,8 @@ export function generateCommand(ctx: CliContext): Command {
     .option("--precision <mode>", "the transformer's linears on a GPU: exact (default), fp8, fp8-weight, int8, int8-dynamic (lossy), or auto (exact unless it does not fit)")
     .option("--random-weights", "build the catalog model's architecture with random weights: for timings only, the video is noise")
     .option("--frames-dir <dir>", "also write the frames as PNGs into this new or empty folder")
+    .option("--preview <file.png>", "watch it denoise: the middle frame of the video the model predicts, replaced in this PNG every few steps (at the latents' resolution, 1/8 of the size)")
+    .option("--preview-every <n>", "steps between previews (default: about ten per run)")
     .requiredOption("--out <file.mp4>", "the video to write (H.264 MP4)")
     .option("--json", "print the result as one JSON object on stdout")
     .action(async (flags: GenerateFlags) => {
@@ -62,6 +66,8 @@ export function generateCommand(ctx: CliContext): Command {
         precision: flags.precision,
         out: flags.out,
         framesDir: flags.framesDir,
+        preview: flags.preview,
+        previewEvery: integerFlag(flags.previewEvery, "previewEvery"),
       };
       const progress = new ProgressReporter({ write: ctx.io.stderr, tty: ctx.io.stderrIsTTY, columns: ctx.io.columns });
       let outcome: GenerateOutcome;
@@ -108,6 +114,7 @@ export function summary(o: GenerateOutcome): string {
   ];
   if (r.output.video !== null) lines.push(`  video  ${r.output.video} (${r.frames} frames, ${r.width}x${r.height} at ${r.fps} fps)`);
   if (r.output.framesDir !== null) lines.push(`  frames ${r.output.framesDir}/ (${r.frames} PNG)`);
+  if (o.job.preview !== undefined && o.preview !== null) lines.push(`  preview ${o.preview} (the last, every ${o.job.preview.every} steps)`);
   if (o.model.noise) lines.push(`  (${o.model.name} has random weights: the video is noise)`);
   return lines.join("\n") + "\n";
 }

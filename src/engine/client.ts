@@ -11,6 +11,7 @@ import type {
   JobSpec,
   LoadResult,
   ModelSpec,
+  PrewarmResult,
   ProbeResult,
 } from "../protocol/engine.ts";
 
@@ -57,6 +58,12 @@ export interface EngineClient {
    * @throws KinoError ENGINE_TOO_OLD where the engine predates the request.
    */
   probe(options?: ProbeOptions): Promise<ProbeResult>;
+  /**
+   * One forward of the loaded model at the job's shape for `jobs` jobs of it (a batch's rows), so
+   * compile, autotuning and the attention choice are paid before the first request of that shape.
+   * @throws KinoError MODEL_NOT_LOADED before a load; ENGINE_TOO_OLD where the engine predates it.
+   */
+  prewarm(job: JobSpec, jobs?: number): Promise<PrewarmResult>;
   /**
    * Asks the engine to shut down and waits for it, killing it after a grace period. Idempotent.
    * A running generate ends with CANCELLED (ENGINE_CLOSED where the engine had to be killed);

@@ -30,6 +30,7 @@ import {
   type HelloResult,
   type LoadResult,
   type Phase,
+  type PrewarmResult,
   type ProbeResult,
 } from "../protocol/engine.ts";
 import type { BatchJobOptions, EngineClient, ProbeOptions, RequestOptions } from "./client.ts";
@@ -64,6 +65,8 @@ export class FakeEngine implements EngineClient {
   readonly #stepMs: number;
   readonly #ffmpeg: string;
   readonly #probe: ProbeResult | undefined;
+  /** Every prewarm this engine ran (a forward's shape and its jobs), for tests. */
+  readonly prewarmed: { job: JobSpec; jobs: number }[] = [];
   #loaded: ModelSpec | null = null;
   /** Prompts "encoded" since the model was loaded, as the engine's embedding cache keeps them. */
   #cachedPrompts = new Set<string>();
@@ -132,6 +135,17 @@ export class FakeEngine implements EngineClient {
       this.#checkOpen();
       const quick = options.quick ?? false;
       return { ...(this.#probe ?? fakeProbe(this.#devices[0], quick)), quick };
+    });
+  }
+
+  prewarm(job: JobSpec, jobs = 1): Promise<PrewarmResult> {
+    return this.#serial(async () => {
+      this.#checkOpen();
+      if (this.#loaded === null) throw new KinoError("MODEL_NOT_LOADED", "prewarm before load: send a load request first");
+      const started = performance.now();
+      await sleep(this.#stepMs);
+      this.prewarmed.push({ job, jobs });
+      return { ms: performance.now() - started, jobs };
     });
   }
 

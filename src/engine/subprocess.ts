@@ -25,6 +25,7 @@ import {
   type JobSpec,
   type LoadResult,
   type ModelSpec,
+  type PrewarmResult,
   type ProbeResult,
   type RequestType,
 } from "../protocol/engine.ts";
@@ -211,6 +212,14 @@ export class SubprocessEngine implements EngineClient {
       return await this.#request("probe", { quick: options.quick ?? false });
     } catch (err) {
       throw tooOld(err, "probe");
+    }
+  }
+
+  async prewarm(job: JobSpec, jobs = 1): Promise<PrewarmResult> {
+    try {
+      return await this.#request("prewarm", { job, jobs });
+    } catch (err) {
+      throw tooOld(err, "prewarm");
     }
   }
 

@@ -6,7 +6,7 @@
  */
 import { randomInt } from "node:crypto";
 import { buildJob } from "../../api/generate.ts";
-import { checkNumbers, type ParsedGenerateOptions } from "../../api/generate-options.ts";
+import { checkNumbers, defaultPreviewEvery, type ParsedGenerateOptions } from "../../api/generate-options.ts";
 import { catalogIds, findCatalogModel, WAN21_1_3B_ID, WAN21_SHAPE, type CatalogModel } from "../../catalog/models.ts";
 import { AUTO_MODEL, isModelPresent, pickAutoModel, resolveModel } from "../../catalog/resolve.ts";
 import { KinoError } from "../../errors.ts";
@@ -48,11 +48,6 @@ export async function prepareSubmission(body: unknown, machine: MachineFacts, mo
     keepAliveMs,
     previewEvery: previewEvery ?? defaultPreviewEvery(params.steps),
   };
-}
-
-/** The previews a job gets unless it asks otherwise: about ten, whatever its steps. */
-export function defaultPreviewEvery(steps: number): number {
-  return Math.max(1, Math.round(steps / 10));
 }
 
 /** @throws KinoError INVALID_ARGUMENT naming previewEvery unless it is absent or a whole number ≥ 0 */
