@@ -16,6 +16,8 @@ import { planOn } from "../src/server/scheduler/admission.ts";
 import { batchKey, jobSpecFor } from "../src/server/scheduler/model-spec.ts";
 import { decideOomRetry, isEngineFailure, pickSlot, restartBackoffMs, type SlotView } from "../src/server/scheduler/policy.ts";
 import { Health, ProcessList } from "../src/server/schemas.ts";
+import { parsePrewarm } from "../src/server/options.ts";
+import { silentLogger } from "../src/log.ts";
 import { ManualClock, parseSse, SMALL_JOB, submit, waitForStatus, withTestServer, type TestServer } from "./fixtures/server.ts";
 
 /** Polls until `check` holds. */
@@ -319,3 +321,58 @@ describe("the scheduler's decisions", () => {
 });
 
 const SMALL_JOB_PARAMS = { prompt: "p", negativePrompt: "", width: 64, height: 48, frames: 5, steps: 3, guidance: 5, shift: null, seed: 1, fps: null };
+
+describe("kino serve --prewarm and --compile", () => {
+  test("a prewarmed model is loaded as its shape's jobs need it, warmed per batch size when compiling, and a job of that shape does not load again", async () => {
+    const engines: ScriptedEngine[] = [];
+    await withTestServer(
+      {
+        engine: () => engines[engines.push(new ScriptedEngine()) - 1]!,
+        options: { compile: true, maxBatch: 3, prewarm: [{ model: "tiny", size: "64x48", frames: 5 }] },
+      },
+      async (t) => {
+        await eventually(() => engines[0] !== undefined && engines[0].prewarmed.length === 3, "three prewarm forwards");
+        const engine = engines[0]!;
+        assert.deepEqual(engine.prewarmed.map((p) => p.jobs), [1, 2, 3], "one forward per batch size up to --max-batch (compiled: each size compiles on its own)");
+        assert.deepEqual([engine.prewarmed[0]!.job.width, engine.prewarmed[0]!.job.height, engine.prewarmed[0]!.job.frames], [64, 48, 5]);
+        assert.equal(engine.loads.length, 1);
+        assert.equal(engine.loads[0]!.runtime?.compile, true, "--compile reaches the engine's model spec");
+        await eventually(async () => (await ps(t))[0]!.state === "ready", "the engine is ready with the model loaded");
+        assert.equal((await ps(t))[0]!.keepAliveExpiresAt, null, "a prewarmed model stays until a job's keep-alive says otherwise");
+        const { body } = await submit(t.server, { ...SMALL_JOB, steps: 2 });
+        await waitForStatus(t.server, body.id, ["completed"]);
+        const events = parseSse((await t.server.app.inject({ method: "GET", url: `/api/jobs/${body.id}/events` })).body);
+        assert.ok(!events.some((e) => e.event === "model.loading"), "the job found its model loaded by the prewarm");
+        assert.equal(engine.loads.length, 1, "no second load");
+      },
+    );
+  });
+
+  test("without --compile one forward at batch 1; a target the model refuses is skipped and the server serves on", async () => {
+    const engines: ScriptedEngine[] = [];
+    const warnings: string[] = [];
+    const logger = { ...silentLogger, warn: (m: string) => warnings.push(m) };
+    await withTestServer(
+      {
+        engine: () => engines[engines.push(new ScriptedEngine()) - 1]!,
+        logger,
+        options: { prewarm: [{ model: "tiny", size: "65x48", frames: 5 }, { model: "tiny" }] },
+      },
+      async (t) => {
+        await eventually(() => engines[0] !== undefined && engines[0].prewarmed.length === 1, "one prewarm forward");
+        assert.deepEqual(engines[0]!.prewarmed.map((p) => p.jobs), [1]);
+        assert.equal(engines[0]!.loads[0]!.runtime?.compile, false);
+        assert.ok(warnings.some((w) => /prewarm of tiny 65x48x5 skipped: .*multiple.*\(size\)/.test(w)), warnings.join("\n"));
+        const { body } = await submit(t.server, SMALL_JOB);
+        assert.equal((await waitForStatus(t.server, body.id, ["completed"])).status, "completed");
+      },
+    );
+  });
+
+  test("--prewarm parsing names the flag", () => {
+    assert.deepEqual(parsePrewarm("wan2.1-t2v-1.3b:832x480x81, tiny"), [{ model: "wan2.1-t2v-1.3b", size: "832x480", frames: 81 }, { model: "tiny" }]);
+    for (const bad of ["", "tiny:832x480", "tiny:832x480x", "../x", "tiny,"]) {
+      assert.throws(() => parsePrewarm(bad), (e: KinoError) => e.code === "INVALID_ARGUMENT" && e.field === "prewarm", bad);
+    }
+  });
+});

@@ -25,6 +25,11 @@ export function serveCommand(ctx: CliContext): Command {
     .option("--keep-alive <duration>", "how long a model stays loaded after its last job: 5m, 30s, 0, -1 for ever (default: 5m)")
     .option("--data-dir <dir>", "the job database and the videos (default: $KINO_DATA_DIR or ~/.kino/data)")
     .option("--queue <redis-url>", "share jobs with other kino serve nodes through Redis (redis://host:6379): any node takes them, any node answers for them")
+    .option("--compile", "engines compile the transformer's blocks (torch.compile, kernels kept in kino's cache): faster steps; each new shape pays for it once per process, unless prewarmed")
+    .option(
+      "--prewarm <model[:WxHxF],…>",
+      "as the server starts, every engine loads these (e.g. wan2.1-t2v-1.3b:832x480x81) with the plan a job of that shape gets and runs a forward at it (with --compile, at each batch size --max-batch allows), so the first request pays no load or compile; pair it with --keep-alive -1 to keep them loaded",
+    )
     .action(async (flags: ServeFlags) => {
       const options = resolveServeOptions(ctx.config, flags, ctx.cwd);
       // Decisions (engines up, keep-alive, requeues) are worth seeing on a server's console.

@@ -22,6 +22,7 @@ import {
   GenerateBatchRequest,
   JobSpec,
   ModelSpec,
+  PrewarmRequest,
   PROTOCOL_VERSION,
   type ClearCacheResult,
   type DeviceInfo,
@@ -141,6 +142,9 @@ export class FakeEngine implements EngineClient {
   prewarm(job: JobSpec, jobs = 1): Promise<PrewarmResult> {
     return this.#serial(async () => {
       this.#checkOpen();
+      // What SubprocessEngine's request validation refuses, refused here too.
+      const checked = PrewarmRequest.safeParse({ type: "prewarm", id: "fake", job, jobs });
+      if (!checked.success) throw new KinoError("INTERNAL", `the control plane built an invalid prewarm request: ${checked.error.message}`);
       if (this.#loaded === null) throw new KinoError("MODEL_NOT_LOADED", "prewarm before load: send a load request first");
       const started = performance.now();
       await sleep(this.#stepMs);

@@ -23,7 +23,9 @@ import { JobService } from "./jobs/service.ts";
 import { SqliteJobStore } from "./jobs/sqlite-store.ts";
 import type { SharedQueue } from "./jobs/shared-queue.ts";
 import type { JobStore } from "./jobs/store.ts";
-import { checkServeOptions, isLoopbackHost, type ServeOptions } from "./options.ts";
+import { checkServeOptions, isLoopbackHost, type PrewarmTarget, type ServeOptions } from "./options.ts";
+import { prepareSubmission } from "./jobs/prepare.ts";
+import { toKinoError } from "../errors.ts";
 import type { RouteContext } from "./routes/context.ts";
 import { jobRoutes } from "./routes/jobs.ts";
 import { planRoutes } from "./routes/plan.ts";
@@ -34,6 +36,23 @@ import { learnedPeaks, PeakLog } from "../planner/learn.ts";
 import { Scheduler } from "./scheduler/scheduler.ts";
 import type { SlotEngineFactory } from "./scheduler/slot.ts";
 import type { MakeTiny } from "./scheduler/tiny-model.ts";
+
+/**
+ * `--prewarm`: each target prepared as a job request of that model and shape would be (the same
+ * checks, defaults and plan), then warmed on every idle engine, one target after another. A target
+ * that cannot be prepared (an unknown model, a size the model refuses) is logged and skipped.
+ */
+async function prewarmAll(targets: readonly PrewarmTarget[], scheduler: Scheduler, modelsDir: string, logger: Logger): Promise<void> {
+  for (const target of targets) {
+    try {
+      const submission = await prepareSubmission({ ...target, prompt: "prewarm" }, scheduler.machine(), modelsDir);
+      await scheduler.prewarm(submission);
+    } catch (err) {
+      const e = toKinoError(err);
+      logger.warn(`prewarm of ${target.model}${target.size === undefined ? "" : ` ${target.size}x${target.frames}`} skipped: ${e.message}${e.field === null ? "" : ` (${e.field})`}`);
+    }
+  }
+}
 
 /** A route module: a fastify plugin over the shared context. */
 export type RoutePlugin = (app: FastifyInstance, ctx: RouteContext) => Promise<void>;
@@ -109,6 +128,7 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
     defaultKeepAliveMs: options.keepAliveMs,
     queueSize: options.queueSize,
     maxBatch: options.maxBatch,
+    compile: options.compile ?? false,
     shared: deps.sharedQueue,
   });
   const service = new JobService({ journal, scheduler, modelsDir: config.modelsDir, dataDir: options.dataDir });
@@ -135,7 +155,8 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
   await app.ready();
 
   // A shared queue holds the queued jobs itself.
-  void scheduler.start(deps.sharedQueue === undefined ? await store.withStatus("queued") : []);
+  const started = scheduler.start(deps.sharedQueue === undefined ? await store.withStatus("queued") : []);
+  if ((options.prewarm ?? []).length > 0) void started.then(() => prewarmAll(options.prewarm ?? [], scheduler, config.modelsDir, logger));
 
   let closing: Promise<void> | null = null;
   return {

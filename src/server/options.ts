@@ -44,6 +44,26 @@ export interface ServeOptions {
    * and the data folder holds only the videos. null: this node alone, on sqlite.
    */
   readonly queue: string | null;
+  /**
+   * Engines compile the transformer's repeated blocks (regional torch.compile, kernels kept in kino's
+   * cache folder): faster steps, paid once per shape and process (and much less once the on-disk
+   * cache holds its kernels). @default false
+   */
+  readonly compile?: boolean;
+  /** Models and shapes every engine loads and runs one forward at as the server starts (see PrewarmTarget). @default none */
+  readonly prewarm?: readonly PrewarmTarget[];
+}
+
+/**
+ * A model and shape to have warm before the first request: loaded (with the plan a job of that shape
+ * gets, so the job finds it loaded), the attention choice and the previews' colour map made, and,
+ * with compile, its blocks compiled for every batch size up to --max-batch.
+ */
+export interface PrewarmTarget {
+  readonly model: string;
+  /** WIDTHxHEIGHT; absent: the model's. */
+  readonly size?: string;
+  readonly frames?: number;
 }
 
 /** What the CLI flags carry (strings, as typed). */
@@ -56,6 +76,8 @@ export interface ServeFlags {
   readonly keepAlive?: string;
   readonly dataDir?: string;
   readonly queue?: string;
+  readonly compile?: boolean;
+  readonly prewarm?: string;
 }
 
 const invalid = (field: string, message: string) => new KinoError("INVALID_ARGUMENT", message, { field });
@@ -79,9 +101,28 @@ export function resolveServeOptions(
     bodyLimitBytes: DEFAULT_BODY_LIMIT_BYTES,
     dataDir: flags.dataDir === undefined ? config.dataDir : resolve(cwd, flags.dataDir),
     queue: flags.queue ?? null,
+    compile: flags.compile ?? false,
+    prewarm: flags.prewarm === undefined ? [] : parsePrewarm(flags.prewarm),
   });
   checkServeOptions(options);
   return options;
+}
+
+/**
+ * "wan2.1-t2v-1.3b:832x480x81,tiny" → targets (a catalog id or auto, and optionally
+ * WIDTHxHEIGHTxFRAMES). The numbers are checked against the model's rules when the target is prepared,
+ * as a job's are.
+ * @throws KinoError INVALID_ARGUMENT naming prewarm
+ */
+export function parsePrewarm(text: string): PrewarmTarget[] {
+  const targets = text.split(",").map((part) => part.trim());
+  return targets.map((part) => {
+    const match = /^([A-Za-z0-9][\w.-]*)(?::(\d+x\d+)x(\d+))?$/.exec(part);
+    if (match === null) {
+      throw invalid("prewarm", `"${part.slice(0, 100)}" is not MODEL or MODEL:WIDTHxHEIGHTxFRAMES (e.g. wan2.1-t2v-1.3b:832x480x81); separate several with commas`);
+    }
+    return { model: match[1]!, ...(match[2] === undefined ? {} : { size: match[2], frames: Number(match[3]) }) };
+  });
 }
 
 /** The checks every way of starting a server goes through (buildServer calls it too). */

@@ -32,10 +32,11 @@ const SERVER_WEIGHT_SEED = 0;
 
 /**
  * The model spec for an engine that sees `gpus` (none: a CPU engine), with the plan's memory
- * placements where the job was planned. Compile stays off: its first job would pay minutes for it,
- * and the runtime cache folder keeps the attention choice warm anyway.
+ * placements where the job was planned. Compile only when the server was asked for it (`kino serve
+ * --compile`): its first job of each shape pays for it (a prewarm can pay instead), and the runtime
+ * cache folder keeps the attention choice and the compiled kernels warm across processes.
  */
-export function modelSpecFor(s: JobSubmission, gpus: readonly DeviceInfo[], cacheDir: string, plan: Plan | null): ModelSpec {
+export function modelSpecFor(s: JobSubmission, gpus: readonly DeviceInfo[], cacheDir: string, plan: Plan | null, compile = false): ModelSpec {
   const { device, dtype } = choosePlacement({ device: gpus.length > 0 ? "cuda" : "cpu", dtype: s.dtype ?? undefined }, gpus);
   let source: ModelSpec["source"];
   if (s.model.randomWeights) {
@@ -51,7 +52,7 @@ export function modelSpecFor(s: JobSubmission, gpus: readonly DeviceInfo[], cach
     source,
     device,
     dtype,
-    runtime: { cfg: "auto", attention: "auto", compile: false, cacheDir },
+    runtime: { cfg: "auto", attention: "auto", compile, cacheDir },
     ...(plan === null ? {} : { memory: memorySpecOf(plan) }),
   };
 }

@@ -22,7 +22,7 @@ import type { EngineEvent, GenerateResult } from "../../protocol/engine.ts";
 import type { Clock } from "../clock.ts";
 import { jobFile, jobFolder } from "../jobs/files.ts";
 import type { JobJournal } from "../jobs/journal.ts";
-import type { StoredArtifact, StoredJob } from "../jobs/store.ts";
+import type { JobSubmission, StoredArtifact, StoredJob } from "../jobs/store.ts";
 import { artifactView } from "../jobs/view.ts";
 import type { ErrorInfo, JobResult } from "../schemas.ts";
 import { describeDecode, describePlacement, type Plan } from "../../planner/plan.ts";
@@ -52,6 +52,8 @@ export interface RunJobDeps {
   /** Runs a model load; the scheduler lets one run at a time. */
   readonly exclusiveLoad: <T>(load: () => Promise<T>) => Promise<T>;
   readonly defaultKeepAliveMs: number;
+  /** Engines compile their transformer blocks (`kino serve --compile`). @default false */
+  readonly compile?: boolean;
 }
 
 /** A job of a run, with what ends it, where its video is written first, and its previews. */
@@ -147,7 +149,7 @@ async function ensureLoaded(members: readonly Member[], slot: EngineSlot, plan: 
   const submission = members[0]!.job.submission;
   const ids = members.map((m) => m.job.id).join(", ");
   if (plan !== null) deps.logger.info(`job ${ids}: ${describePlan(plan)}`);
-  const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan);
+  const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan, deps.compile ?? false);
   const loaded = slot.loadedSpec;
   if (loaded === null || !sameLoad(loaded, spec)) {
     for (const { job } of members) await deps.journal.note(job.id, { type: "model.loading", model: submission.model.name });
@@ -226,6 +228,27 @@ async function generateTogether(members: readonly Member[], slot: EngineSlot, de
       return run;
     }),
   );
+}
+
+/**
+ * Has the slot (acquired by the caller) hold the submission's model, loaded with the plan a job of
+ * its shape gets on this engine (so that job finds it loaded), and runs one forward at that shape for
+ * each batch size in `batches` (EngineSlot.prewarm). Returns each forward's ms.
+ */
+export async function prewarmOn(submission: JobSubmission, slot: EngineSlot, batches: readonly number[], deps: RunJobDeps): Promise<number[]> {
+  await slot.ensureAlive();
+  if (submission.model.tiny && submission.model.path !== null && !(await hasCheckpoint(submission.model.path))) {
+    await ensureTinyModel(submission.model.path, deps.makeTiny);
+  }
+  const plan = planFor(submission, slot);
+  const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan, deps.compile ?? false);
+  const loaded = slot.loadedSpec;
+  if (loaded === null || !sameLoad(loaded, spec)) await deps.exclusiveLoad(() => slot.load(spec, modelIdentity(submission)));
+  // A prewarm writes nothing: no outputs.
+  const job = { ...jobSpecFor(submission, "", plan), output: { video: null, framesDir: null } };
+  const ms: number[] = [];
+  for (const jobs of batches) ms.push((await slot.prewarm(job, jobs)).ms);
+  return ms;
 }
 
 function describePlan(p: Plan): string {

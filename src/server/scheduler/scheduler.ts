@@ -17,12 +17,12 @@ import { KinoError, toKinoError } from "../../errors.ts";
 import { LocalJobQueue, type JobQueue, type QueuedJob } from "../jobs/queue.ts";
 import { applyRecovery } from "../jobs/recovery.ts";
 import type { SharedQueue, TakeOutcome } from "../jobs/shared-queue.ts";
-import type { StoredJob } from "../jobs/store.ts";
+import type { JobSubmission, StoredJob } from "../jobs/store.ts";
 import type { EngineStatus, Health } from "../schemas.ts";
 import { batchRoom, type MachineFacts } from "./admission.ts";
 import { batchKey, modelIdentity } from "./model-spec.ts";
 import { pickSlot, selectBatch } from "./policy.ts";
-import { runJobs, SHUTDOWN, CANCEL, type RunJobDeps } from "./run-job.ts";
+import { prewarmOn, runJobs, SHUTDOWN, CANCEL, type RunJobDeps } from "./run-job.ts";
 import { EngineSlot, type SlotEngineFactory } from "./slot.ts";
 
 export interface SchedulerDeps extends Omit<RunJobDeps, "exclusiveLoad"> {
@@ -126,6 +126,39 @@ export class Scheduler {
       },
       release: () => void close(),
     };
+  }
+
+  /**
+   * Warms every idle engine for the submission's model and shape before jobs need it (`kino serve
+   * --prewarm`): the slot is taken as for a job, the model loaded with the plan that shape's jobs get
+   * (run-job.ts prewarmOn), and one forward run per batch size a batch of that shape may have there
+   * (1 … what `batchRoom` allows under --max-batch when engines compile, since each size compiles on
+   * its own; 1 otherwise). The model then stays loaded until a job's keep-alive says otherwise. An
+   * engine busy with jobs is left alone; a failure is logged and leaves the engine to the jobs.
+   * Resolves when every engine is done.
+   */
+  async prewarm(submission: JobSubmission): Promise<void> {
+    const { model, params } = submission;
+    const what = `${model.name} ${params.width}x${params.height}x${params.frames}`;
+    await Promise.all(
+      this.#slots.map(async (slot) => {
+        if (this.#closing !== null || slot.state !== "idle" && slot.state !== "ready") {
+          this.#deps.logger.info(`engine ${slot.index}: prewarm of ${what} skipped (it is ${slot.state})`);
+          return;
+        }
+        const room = this.#deps.compile ? batchRoom(model.name, params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, this.#deps.maxBatch) : 1;
+        const batches = Array.from({ length: Math.max(1, room) }, (_, k) => k + 1);
+        slot.acquire([]);
+        try {
+          const ms = await prewarmOn(submission, slot, batches, this.#runDeps);
+          this.#deps.logger.info(`engine ${slot.index}: prewarmed ${what} (${batches.map((j, k) => `${j} job${j > 1 ? "s" : ""} ${(ms[k]! / 1000).toFixed(1)} s`).join(", ")})`);
+        } catch (err) {
+          this.#deps.logger.warn(`engine ${slot.index}: prewarm of ${what} failed: ${toKinoError(err).message}`);
+        } finally {
+          slot.release(-1);
+        }
+      }),
+    );
   }
 
   /**

@@ -9,7 +9,7 @@
 import type { BatchJobOptions, EngineClient } from "../../engine/client.ts";
 import { KinoError, toKinoError } from "../../errors.ts";
 import type { Logger } from "../../log.ts";
-import type { DeviceInfo, EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec } from "../../protocol/engine.ts";
+import type { DeviceInfo, EngineEvent, GenerateResult, HelloResult, JobSpec, LoadResult, ModelSpec, PrewarmResult } from "../../protocol/engine.ts";
 import type { Clock } from "../clock.ts";
 import type { EngineState, EngineStatus } from "../schemas.ts";
 import { isEngineFailure, restartBackoffMs, type SlotView } from "./policy.ts";
@@ -189,6 +189,11 @@ export class EngineSlot {
     const result = await this.#running().generate(job, { ...options, onEvent: this.#watching(options.onEvent) });
     this.#peakBytes = result.peakVramBytes;
     return result;
+  }
+
+  /** One forward of the loaded model at a job's shape for `jobs` jobs (EngineClient.prewarm). */
+  prewarm(job: JobSpec, jobs: number): Promise<PrewarmResult> {
+    return this.#running().prewarm(job, jobs);
   }
 
   /** Jobs of one shape as one batch (EngineClient.generateBatch): one answer per job, as each ends. */
