@@ -90,7 +90,10 @@ describe("preview events and their images (FakeEngine)", () => {
     assert.deepEqual([1, 3, 10, 14, 15, 25, 50].map(defaultPreviewEvery), [1, 1, 1, 1, 2, 3, 5]);
     const few = await run(t, { ...SMALL_JOB, steps: 3 });
     assert.deepEqual(previewsOf(await streamOf(t, few)).map((p) => p.step), [1, 2, 3], "3 steps: each");
+    const job = await t.server.app.inject({ method: "GET", url: `/api/jobs/${few}` });
+    assert.equal(job.json().previewEvery, 1, "the job says how often it previews (the default resolved)");
     const many = await run(t, { ...SMALL_JOB, steps: 25 });
+    assert.equal((await t.server.app.inject({ method: "GET", url: `/api/jobs/${many}` })).json().previewEvery, 3);
     assert.deepEqual(previewsOf(await streamOf(t, many)).map((p) => p.step), previewSteps(3, 25), "25 steps: every 3rd and the 25th");
     assert.deepEqual(previewSteps(3, 25), [3, 6, 9, 12, 15, 18, 21, 24, 25]);
   });

@@ -122,6 +122,8 @@ export const Job = z
     error: ErrorInfo.nullable(),
     result: JobResult.nullable(),
     artifacts: z.array(Artifact),
+    /** Denoising steps between the job's previews (0: none); each is announced by a `preview` event with its url. */
+    previewEvery: z.number().int().nonnegative(),
     links: z.object({ self: z.string(), events: z.string(), cancel: z.string(), video: z.string() }),
   })
   .meta({ id: "Job" });

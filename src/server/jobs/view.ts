@@ -31,6 +31,7 @@ export function jobView(job: StoredJob, queuePosition: number | null): Job {
     error: job.error,
     result: job.result,
     artifacts: job.artifacts.map((a) => artifactView(job.id, a)),
+    previewEvery: job.submission.previewEvery,
     links: { self, events: `${self}/events`, cancel: `${self}/cancel`, video: `${self}/video` },
   };
 }
