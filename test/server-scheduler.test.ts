@@ -369,9 +369,30 @@ describe("kino serve --prewarm and --compile", () => {
     );
   });
 
+  test("a random-weights target warms what random-weight jobs of that shape run on", async () => {
+    const engines: ScriptedEngine[] = [];
+    await withTestServer(
+      { engine: () => engines[engines.push(new ScriptedEngine()) - 1]!, options: { prewarm: [{ model: "wan2.1-t2v-1.3b", size: "64x48", frames: 5, randomWeights: true }] } },
+      async (t) => {
+        await eventually(() => engines[0] !== undefined && engines[0].prewarmed.length === 1, "the prewarm forward");
+        assert.equal(engines[0]!.loads[0]!.source.kind, "random");
+        const { body } = await submit(t.server, { model: "wan2.1-t2v-1.3b", randomWeights: true, prompt: "a fox", size: "64x48", frames: 5, steps: 2 });
+        await waitForStatus(t.server, body.id, ["completed"]);
+        const events = parseSse((await t.server.app.inject({ method: "GET", url: `/api/jobs/${body.id}/events` })).body);
+        assert.ok(!events.some((e) => e.event === "model.loading"), "the random-weight job found the prewarmed model");
+        assert.equal(engines[0]!.loads.length, 1);
+      },
+    );
+  });
+
   test("--prewarm parsing names the flag", () => {
-    assert.deepEqual(parsePrewarm("wan2.1-t2v-1.3b:832x480x81, tiny"), [{ model: "wan2.1-t2v-1.3b", size: "832x480", frames: 81 }, { model: "tiny" }]);
-    for (const bad of ["", "tiny:832x480", "tiny:832x480x", "../x", "tiny,"]) {
+    assert.deepEqual(parsePrewarm("wan2.1-t2v-1.3b:832x480x81, tiny, wan2.1-t2v-14b:1280x720x81:random, wan2.1-t2v-1.3b:random"), [
+      { model: "wan2.1-t2v-1.3b", size: "832x480", frames: 81 },
+      { model: "tiny" },
+      { model: "wan2.1-t2v-14b", size: "1280x720", frames: 81, randomWeights: true },
+      { model: "wan2.1-t2v-1.3b", randomWeights: true },
+    ]);
+    for (const bad of ["", "tiny:832x480", "tiny:832x480x", "../x", "tiny,", "tiny:random:64x48x5", "tiny:randomly"]) {
       assert.throws(() => parsePrewarm(bad), (e: KinoError) => e.code === "INVALID_ARGUMENT" && e.field === "prewarm", bad);
     }
   });

@@ -27,8 +27,8 @@ export function serveCommand(ctx: CliContext): Command {
     .option("--queue <redis-url>", "share jobs with other kino serve nodes through Redis (redis://host:6379): any node takes them, any node answers for them")
     .option("--compile", "engines compile the transformer's blocks (torch.compile, kernels kept in kino's cache): faster steps; each new shape pays for it once per process, unless prewarmed")
     .option(
-      "--prewarm <model[:WxHxF],…>",
-      "as the server starts, every engine loads these (e.g. wan2.1-t2v-1.3b:832x480x81) with the plan a job of that shape gets and runs a forward at it (with --compile, at each batch size --max-batch allows), so the first request pays no load or compile; pair it with --keep-alive -1 to keep them loaded",
+      "--prewarm <model[:WxHxF][:random],…>",
+      "as the server starts, every engine loads these (e.g. wan2.1-t2v-1.3b:832x480x81; :random for the architecture with random weights, as benchmark jobs ask) with the plan a job of that shape gets and runs a forward at it (with --compile, at each batch size --max-batch allows), so the first request pays no load or compile; pair it with --keep-alive -1 to keep them loaded",
     )
     .action(async (flags: ServeFlags) => {
       const options = resolveServeOptions(ctx.config, flags, ctx.cwd);

@@ -64,6 +64,8 @@ export interface PrewarmTarget {
   /** WIDTHxHEIGHT; absent: the model's. */
   readonly size?: string;
   readonly frames?: number;
+  /** The catalog architecture with random weights (as jobs that ask `randomWeights`: benchmarks). */
+  readonly randomWeights?: boolean;
 }
 
 /** What the CLI flags carry (strings, as typed). */
@@ -109,19 +111,27 @@ export function resolveServeOptions(
 }
 
 /**
- * "wan2.1-t2v-1.3b:832x480x81,tiny" → targets (a catalog id or auto, and optionally
- * WIDTHxHEIGHTxFRAMES). The numbers are checked against the model's rules when the target is prepared,
- * as a job's are.
+ * "wan2.1-t2v-1.3b:832x480x81,tiny,wan2.1-t2v-14b:1280x720x81:random" → targets (a catalog id or
+ * auto, optionally WIDTHxHEIGHTxFRAMES, optionally `random`: the architecture with random weights, for
+ * jobs that ask `randomWeights`). The numbers are checked against the model's rules when the target is
+ * prepared, as a job's are.
  * @throws KinoError INVALID_ARGUMENT naming prewarm
  */
 export function parsePrewarm(text: string): PrewarmTarget[] {
   const targets = text.split(",").map((part) => part.trim());
   return targets.map((part) => {
-    const match = /^([A-Za-z0-9][\w.-]*)(?::(\d+x\d+)x(\d+))?$/.exec(part);
+    const match = /^([A-Za-z0-9][\w.-]*)(?::(\d+x\d+)x(\d+))?(:random)?$/.exec(part);
     if (match === null) {
-      throw invalid("prewarm", `"${part.slice(0, 100)}" is not MODEL or MODEL:WIDTHxHEIGHTxFRAMES (e.g. wan2.1-t2v-1.3b:832x480x81); separate several with commas`);
+      throw invalid(
+        "prewarm",
+        `"${part.slice(0, 100)}" is not MODEL[:WIDTHxHEIGHTxFRAMES][:random] (e.g. wan2.1-t2v-1.3b:832x480x81); separate several with commas`,
+      );
     }
-    return { model: match[1]!, ...(match[2] === undefined ? {} : { size: match[2], frames: Number(match[3]) }) };
+    return {
+      model: match[1]!,
+      ...(match[2] === undefined ? {} : { size: match[2], frames: Number(match[3]) }),
+      ...(match[4] === undefined ? {} : { randomWeights: true }),
+    };
   });
 }
 
