@@ -84,8 +84,8 @@ export const RuntimeSpec = z.object({
   cacheDir: z.string().min(1).nullable(),
   /** The transformer's block linears: exact, or a lossy low-bit mode (kino_engine/quant). @default "exact" */
   weights: z.enum(["exact", "fp8", "fp8-weight", "int8", "int8-dynamic"]).optional(),
-  /** Self-attention: exact, or kino's lossy low-bit kernel "<QK>-<PV>". @default "exact" */
-  attentionPrecision: z.enum(["exact", "int8-fp8", "int8-bf16", "fp8-fp8", "fp8-bf16"]).optional(),
+  /** Self-attention: exact, kino's lossy low-bit kernel "<QK>-<PV>", or cuDNN's FP8 flash attention ("fp8-cudnn", needs nvidia-cudnn-frontend). @default "exact" */
+  attentionPrecision: z.enum(["exact", "int8-fp8", "int8-bf16", "fp8-fp8", "fp8-bf16", "fp8-cudnn"]).optional(),
   /** Fuse the blocks' small ops (GELU into its GEMM, RoPE with the q/k norm); exact up to float rounding. @default true */
   fuse: z.boolean().optional(),
 });

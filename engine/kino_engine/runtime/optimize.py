@@ -57,7 +57,14 @@ def optimize(
     runtime = Runtime(options, device, dtype, policy)
     log.info("optimize: attention %s, cfg %s, compile %s", options.attention, options.cfg, options.compile)
     # 2. Low-bit self-attention (lossy, opt-in): a processor on each block's attn1, compiled with the block.
-    if options.attention_precision != "exact":
+    if options.attention_precision == "fp8-cudnn":
+        from ..quant import install_lowbit_attention
+        from ..quant.cudnn_fp8 import require_cudnn_fp8, sdpa_cudnn_fp8
+
+        require_cudnn_fp8(device)
+        install_lowbit_attention(transformer, attend=sdpa_cudnn_fp8)
+        log.info("optimize: FP8 self-attention through cuDNN")
+    elif options.attention_precision != "exact":
         from ..quant import install_lowbit_attention
 
         qk, pv = options.attention_precision.split("-")

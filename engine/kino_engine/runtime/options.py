@@ -21,7 +21,7 @@ ATTENTION_NAMES: tuple[str, ...] = ("auto", "default", "cudnn", "flash", "effici
 #: The transformer's linear layers: "exact" (the model dtype) or a low-bit mode of kino_engine.quant.
 WEIGHT_MODES: tuple[str, ...] = ("exact", "fp8", "fp8-weight", "int8", "int8-dynamic")
 #: Self-attention: "exact" (SDPA) or kino's low-bit kernel as "<QK>-<PV>" (quant/attention.py).
-LOWBIT_ATTENTION: tuple[str, ...] = ("exact", "int8-fp8", "int8-bf16", "fp8-fp8", "fp8-bf16")
+LOWBIT_ATTENTION: tuple[str, ...] = ("exact", "int8-fp8", "int8-bf16", "fp8-fp8", "fp8-bf16", "fp8-cudnn")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,8 @@ class RuntimeOptions:
     projection stay exact (quant/policy.py). A pre-quantized checkpoint is loaded as it was written."""
 
     attention_precision: str = "exact"
-    """Self-attention: "exact" or kino's lossy low-bit kernel "<QK>-<PV>" (e.g. "int8-fp8")."""
+    """Self-attention: "exact", kino's lossy low-bit kernel "<QK>-<PV>" (e.g. "int8-fp8"), or "fp8-cudnn"
+    (cuDNN's FP8 flash attention through nvidia-cudnn-frontend, quant/cudnn_fp8.py)."""
 
     fuse: bool = True
     """Fuse Wan's small ops into their neighbours (runtime/fuse.py: the FFN's GELU into its GEMM's
