@@ -104,3 +104,26 @@ def test_the_runtime_option_installs_it_and_cuda_without_the_frontend_is_refused
     assert FIX in str(refused.value)
     with pytest.raises(ValueError, match="attention_precision"):
         RuntimeOptions(attention_precision="fp8-cudnnn")
+
+
+def test_the_forward_bench_runs_its_cudnn_modes_on_small_cpu_shapes(capsys: pytest.CaptureFixture[str]) -> None:
+    """The forward bench the GPU session runs (`--modes cudnn,fp8+cudnn`), through its code paths on the
+    CPU (eager, emulated attention), so a mistake in it costs no GPU time."""
+    import json
+
+    from kino_engine.quant import forward_bench
+    from quant_helpers import QUANT_TINY
+
+    config = json.dumps({"_class_name": "WanTransformer3DModel", **QUANT_TINY})
+    status = forward_bench.main(
+        ["--config", config, "--size", "64x64", "--frames", "5", "--warmup", "1", "--repeats", "1",
+         "--device", "cpu", "--no-compile", "--modes", "fp8+cudnn,cudnn"]
+    )
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 0 and answer["ok"], answer
+    modes = answer["result"]["modes"]
+    assert [m["mode"] for m in modes] == ["bf16", "bf16 linears + fp8 attention (cuDNN)", "fp8 linears + fp8 attention (cuDNN)"], (
+        "bf16 first, then the bf16-linear modes, then the quantized ones"
+    )
+    assert answer["result"]["quantized"] is not None
+    assert 0 < modes[1]["relL2VsBf16"] < modes[2]["relL2VsBf16"] < 0.2, [m.get("relL2VsBf16") for m in modes]
