@@ -20,7 +20,7 @@ import { jobFolder } from "../src/server/jobs/files.ts";
 import { batchRoom, planOn } from "../src/server/scheduler/admission.ts";
 import { batchKeepAlive, selectBatch } from "../src/server/scheduler/policy.ts";
 import { ProcessList, type Job } from "../src/server/schemas.ts";
-import { parseSse, SMALL_JOB, submit, waitForStatus, withTestServer, type TestServer } from "./fixtures/server.ts";
+import { ManualClock, parseSse, SMALL_JOB, submit, waitForStatus, withTestServer, type TestServer } from "./fixtures/server.ts";
 
 /** A FakeEngine that records what it runs alone and as batches, holds its first job until released, and can fail one batch. */
 class BatchingEngine extends FakeEngine {
@@ -74,6 +74,46 @@ const eventsOf = async (t: TestServer, id: string) =>
 
 const finished = (t: TestServer, ids: readonly string[]): Promise<Job[]> =>
   Promise.all(ids.map((id) => waitForStatus(t.server, id, ["completed", "failed", "cancelled"])));
+
+describe("the batch window: requests sent together to an idle engine", () => {
+  test("with --batch-window they start as one batch; without it the first starts alone", async () => {
+    for (const windowMs of [200, 0]) {
+      let engine!: BatchingEngine;
+      await withTestServer({ engine: () => (engine = new BatchingEngine()), options: { batchWindowMs: windowMs } }, async (t) => {
+        await t.server.scheduler.whenReady();
+        const ids = await Promise.all(["p", "q", "r"].map(async (prompt, k) => (await submit(t.server, { ...SMALL_JOB, prompt, seed: k })).body.id as string));
+        const done = await finished(t, ids);
+        assert.deepEqual(done.map((j) => j.status), ["completed", "completed", "completed"]);
+        // Sent together, they reach the queue in no set order: compare who ran how, as sets.
+        const sizes = [...engine.batches.map((b) => b.length), ...engine.singles.map(() => 1)].sort();
+        const ran = [...engine.batches.flat(), ...engine.singles].sort();
+        assert.deepEqual(ran, ["p", "q", "r"], "each job ran once");
+        assert.deepEqual(sizes, windowMs > 0 ? [3] : [1, 2], `window ${windowMs} ms: ${JSON.stringify({ batches: engine.batches, singles: engine.singles })}`);
+      });
+    }
+  });
+
+  test("a lone job waits out the window, no longer; a full batch does not wait", async () => {
+    const clock = new ManualClock();
+    let engine!: BatchingEngine;
+    await withTestServer({ clock, engine: () => (engine = new BatchingEngine()), options: { batchWindowMs: 1000, maxBatch: 2 } }, async (t) => {
+      await t.server.scheduler.whenReady();
+      const lone = (await submit(t.server, { ...SMALL_JOB, prompt: "lone" })).body.id as string;
+      await new Promise((r) => setTimeout(r, 50));
+      assert.equal((await t.server.app.inject({ method: "GET", url: `/api/jobs/${lone}` })).json().status, "queued", "it waits for company");
+      clock.advance(999);
+      await new Promise((r) => setTimeout(r, 20));
+      assert.equal((await t.server.app.inject({ method: "GET", url: `/api/jobs/${lone}` })).json().status, "queued");
+      clock.advance(1);
+      assert.equal((await waitForStatus(t.server, lone, ["completed"])).status, "completed", "the window ended: it runs alone");
+      assert.deepEqual(engine.singles, ["lone"]);
+      const pair = await Promise.all(["a", "b"].map(async (prompt) => (await submit(t.server, { ...SMALL_JOB, prompt })).body.id as string));
+      // --max-batch 2 reached: no waiting, although the clock does not move.
+      assert.deepEqual((await finished(t, pair)).map((j) => j.status), ["completed", "completed"]);
+      assert.deepEqual(engine.batches, [["a", "b"]]);
+    });
+  });
+});
 
 describe("batches on FakeEngine", () => {
   test("waiting jobs of one shape run as one batch, each with its own events, video and result; another shape keeps its place", async () => {

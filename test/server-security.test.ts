@@ -31,6 +31,10 @@ test("serve options: loopback by default; another address needs a key; bad flags
   assert.throws(() => resolveServeOptions(config, { keepAlive: "soon" }), (e: KinoError) => e.field === "keepAlive");
   assert.deepEqual([defaults.maxBatch, resolveServeOptions(config, { maxBatch: "1" }).maxBatch], [4, 1], "--max-batch: 4 by default, 1 turns batching off");
   assert.throws(() => resolveServeOptions(config, { maxBatch: "0" }), (e: KinoError) => e.field === "maxBatch");
+  assert.deepEqual([defaults.batchWindowMs, resolveServeOptions(config, { batchWindow: "0" }).batchWindowMs], [25, 0], "--batch-window: 25 ms by default, 0 never waits");
+  assert.throws(() => resolveServeOptions(config, { batchWindow: "-1" }), (e: KinoError) => e.field === "batchWindow");
+  assert.deepEqual([defaults.compile, defaults.prewarm], [false, []]);
+  assert.throws(() => resolveServeOptions(config, { prewarm: "tiny:64x48" }), (e: KinoError) => e.field === "prewarm");
 });
 
 test("keep-alive durations as Ollama spells them", () => {

@@ -10,7 +10,7 @@ import type { KinoConfig } from "../config/config.ts";
 import { SubprocessEngine } from "../engine/subprocess.ts";
 import { KinoError } from "../errors.ts";
 import { createLogger } from "../log.ts";
-import { DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, redactUrl, resolveServeOptions, type ServeFlags } from "../server/options.ts";
+import { DEFAULT_BATCH_WINDOW_MS, DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_PORT, DEFAULT_QUEUE_SIZE, redactUrl, resolveServeOptions, type ServeFlags } from "../server/options.ts";
 import type { SlotEngineFactory } from "../server/scheduler/slot.ts";
 import type { CliContext } from "./context.ts";
 
@@ -22,6 +22,7 @@ export function serveCommand(ctx: CliContext): Command {
     .option("--api-key <key>", "require Authorization: Bearer <key> (prefer $KINO_API_KEY: a flag shows in ps)")
     .option("--queue-size <n>", `jobs waiting at most; more are answered 429 (default: ${DEFAULT_QUEUE_SIZE})`)
     .option("--max-batch <n>", `waiting jobs of one shape run as one batch, this many at most, as the GPU's plan has room; 1: never (default: ${DEFAULT_MAX_BATCH})`)
+    .option("--batch-window <ms>", `a request that finds an engine idle waits this long for others of its shape, so requests sent together run as one batch; 0: never waits (default: ${DEFAULT_BATCH_WINDOW_MS})`)
     .option("--keep-alive <duration>", "how long a model stays loaded after its last job: 5m, 30s, 0, -1 for ever (default: 5m)")
     .option("--data-dir <dir>", "the job database and the videos (default: $KINO_DATA_DIR or ~/.kino/data)")
     .option("--queue <redis-url>", "share jobs with other kino serve nodes through Redis (redis://host:6379): any node takes them, any node answers for them")

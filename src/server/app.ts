@@ -128,6 +128,7 @@ export async function buildServer(deps: ServerDeps): Promise<KinoServer> {
     defaultKeepAliveMs: options.keepAliveMs,
     queueSize: options.queueSize,
     maxBatch: options.maxBatch,
+    batchWindowMs: options.batchWindowMs ?? 0,
     compile: options.compile ?? false,
     shared: deps.sharedQueue,
   });

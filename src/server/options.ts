@@ -22,6 +22,11 @@ export const DEFAULT_KEEP_ALIVE_MS = 5 * 60_000;
  * after the others) short while most of a small GPU job's launch overhead is already shared.
  */
 export const DEFAULT_MAX_BATCH = 4;
+/**
+ * How long a request that finds an engine idle waits for others of its shape before starting, so that
+ * requests sent together run as one batch: a few milliseconds against generations of seconds.
+ */
+export const DEFAULT_BATCH_WINDOW_MS = 25;
 /** A job request is a few kilobytes of JSON; a megabyte is generous. */
 export const DEFAULT_BODY_LIMIT_BYTES = 1024 * 1024;
 
@@ -34,6 +39,8 @@ export interface ServeOptions {
   readonly queueSize: number;
   /** Waiting jobs of one shape run together as one batch, this many at most; 1 runs every job alone. */
   readonly maxBatch: number;
+  /** How long a just-arrived job waits on an idle engine for company (ms; 0: never). @default 0 (DEFAULT_BATCH_WINDOW_MS from the CLI) */
+  readonly batchWindowMs?: number;
   /** Keep-alive after a job: > 0 ms, 0 unloads at once, < 0 keeps the model loaded for good. */
   readonly keepAliveMs: number;
   readonly bodyLimitBytes: number;
@@ -75,6 +82,7 @@ export interface ServeFlags {
   readonly apiKey?: string;
   readonly queueSize?: string;
   readonly maxBatch?: string;
+  readonly batchWindow?: string;
   readonly keepAlive?: string;
   readonly dataDir?: string;
   readonly queue?: string;
@@ -99,6 +107,7 @@ export function resolveServeOptions(
     apiKey: flags.apiKey ?? config.apiKey,
     queueSize: flags.queueSize === undefined ? DEFAULT_QUEUE_SIZE : wholeNumber(flags.queueSize, "queueSize", 1, 1_000_000),
     maxBatch: flags.maxBatch === undefined ? DEFAULT_MAX_BATCH : wholeNumber(flags.maxBatch, "maxBatch", 1, 64),
+    batchWindowMs: flags.batchWindow === undefined ? DEFAULT_BATCH_WINDOW_MS : wholeNumber(flags.batchWindow, "batchWindow", 0, 10_000),
     keepAliveMs: flags.keepAlive === undefined ? DEFAULT_KEEP_ALIVE_MS : parseKeepAlive(flags.keepAlive, "keepAlive"),
     bodyLimitBytes: DEFAULT_BODY_LIMIT_BYTES,
     dataDir: flags.dataDir === undefined ? config.dataDir : resolve(cwd, flags.dataDir),

@@ -14,6 +14,8 @@ export interface QueuedJob {
   readonly batchKey: string;
   /** What the job runs: the model and parameters a batch's room is planned with. */
   readonly submission: JobSubmission;
+  /** When the job was submitted (ms, the server's clock): how long it has waited for company. @default long ago */
+  readonly createdAt?: number;
 }
 
 export interface JobQueue {

@@ -31,6 +31,12 @@ export interface SchedulerDeps extends Omit<RunJobDeps, "exclusiveLoad"> {
   readonly queueSize: number;
   /** Jobs of one shape run as one batch at most (as the engine's plan has room); 1: each alone. */
   readonly maxBatch: number;
+  /**
+   * How long a job that just arrived waits on an idle engine for others of its shape to batch with
+   * (`--batch-window`): without it, requests sent together would start one by one, the first alone.
+   * 0: never waits. @default 0
+   */
+  readonly batchWindowMs?: number;
   /** @default a LocalJobQueue */
   readonly queue?: JobQueue;
   /** A queue shared with other nodes; submissions wait there. @default none: this node's queue only */
@@ -61,6 +67,8 @@ export class Scheduler {
   #ready: Promise<void> | null = null;
   #closing: Promise<void> | null = null;
   #loads: Promise<unknown> = Promise.resolve();
+  /** The batch window's pending re-dispatch, if one is armed. */
+  #window: { at: number; cancel: () => void } | null = null;
   readonly #runDeps: RunJobDeps;
   /** Jobs taken from the shared queue and not yet given back, with what ends the take. */
   readonly #taken = new Map<string, (outcome: TakeOutcome) => void>();
@@ -209,6 +217,8 @@ export class Scheduler {
    */
   close(): Promise<void> {
     this.#closing ??= (async () => {
+      this.#window?.cancel();
+      this.#window = null;
       // No more jobs taken from a shared queue; those held are given back below.
       const sharedClosed = this.#deps.shared?.close();
       for (const running of this.#running.values()) running.controller.abort(SHUTDOWN);
@@ -260,14 +270,45 @@ export class Scheduler {
       );
       const slot = this.#slots.find((s) => s.index === index);
       if (slot === undefined) return;
+      const { model, params } = next.submission;
       let batch = selectBatch(next, this.#queue.waiting(), this.#deps.maxBatch);
       if (batch.length > 1) {
-        const { model, params } = next.submission;
         batch = batch.slice(0, batchRoom(model.name, params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, batch.length));
+      }
+      const wait = this.#batchWait(next, batch.length, () => batchRoom(model.name, params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, this.#deps.maxBatch));
+      if (wait > 0) {
+        // The next job is young and its batch has room: give its shape's other requests a moment.
+        this.#armWindow(wait);
+        return;
       }
       for (const job of batch) this.#queue.remove(job.id);
       this.#run(batch, slot);
     }
+  }
+
+  /**
+   * How long the next job should still wait for company (ms; 0: start now): only a job younger than
+   * the batch window, whose batch is not full yet and could hold more on this engine, on a node whose
+   * queue is its own (a shared queue hands a node one job per free engine, so no company would come).
+   */
+  #batchWait(next: QueuedJob, batchSize: number, room: () => number): number {
+    const window = this.#deps.batchWindowMs ?? 0;
+    if (window <= 0 || this.#deps.maxBatch <= 1 || this.#deps.shared !== undefined || next.createdAt === undefined) return 0;
+    const left = next.createdAt + window - this.#deps.clock.now();
+    if (left <= 0 || batchSize >= this.#deps.maxBatch || batchSize >= room()) return 0;
+    return left;
+  }
+
+  /** Dispatches again after `ms` (the earliest of the windows asked for). */
+  #armWindow(ms: number): void {
+    const at = this.#deps.clock.now() + ms;
+    if (this.#window !== null && this.#window.at <= at) return;
+    this.#window?.cancel();
+    const cancel = this.#deps.clock.setTimer(ms, () => {
+      this.#window = null;
+      this.#dispatch();
+    });
+    this.#window = { at, cancel };
   }
 
   /** Runs a job, or the jobs of a batch, on the slot; each job can be cancelled on its own. */
@@ -363,5 +404,5 @@ export class Scheduler {
 }
 
 function queueEntry(job: StoredJob): QueuedJob {
-  return { id: job.id, identity: modelIdentity(job.submission), batchKey: batchKey(job.submission), submission: job.submission };
+  return { id: job.id, identity: modelIdentity(job.submission), batchKey: batchKey(job.submission), submission: job.submission, createdAt: job.createdAt };
 }
