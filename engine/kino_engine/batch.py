@@ -4,8 +4,8 @@ Order: every job is checked (geometry, outputs; one that fails is answered at on
 their prompts are encoded (text_encode: the texts the prompt cache misses, all jobs' in one encoder
 call; hits and misses counted per job); the loop runs
 the rest as one batch (denoise: each forward carries J x CFG rows; the step events go to every job
-still in it, its previews to each job that asks for them); then each job is decoded and written in turn (decode, encode, its own outputs) and
-answered with its own result. Every job sees the phase events a `generate` sends, in the same order.
+still in it, its previews to each job that asks for them); then each job is decoded and written in
+turn (decode, encode, its own outputs) and answered with its own result. Every job sees the phase events a `generate` sends, in the same order.
 
 Cancellation is per job. Between steps, and before each job's decode, a job whose token was
 cancelled is answered CANCELLED at once; its rows keep computing until the loop ends (a stacked batch
@@ -32,7 +32,6 @@ from .cancel import CancelToken
 from .job_run import JobRun, run_classified
 from .pipelines.wan import OnFrames, PhaseClock, WanT2V, WanVideo
 from .protocol import Emit, EngineFailure, JobSpec, Phase
-from .runtime.embed_cache import PromptEmbeddingCache
 from .runtime.memory import PeakRam, reset_vram_peak
 from .runtime.preview import Preview
 from .video import check_outputs
@@ -53,17 +52,16 @@ class BatchMember:
     settle: Callable[[Answer], None]
 
 
-def run_batch(model: WanT2V, members: Sequence[BatchMember], cache: PromptEmbeddingCache) -> dict[str, Any]:
+def run_batch(model: WanT2V, members: Sequence[BatchMember]) -> dict[str, Any]:
     """Runs the batch; returns {jobs: [{id, status}]} once every member was answered.
     Raises EngineFailure when a shared phase fails (every member not yet answered gets it first)."""
-    return _Batch(model, members, cache).run()
+    return _Batch(model, members).run()
 
 
 class _Batch:
-    def __init__(self, model: WanT2V, members: Sequence[BatchMember], cache: PromptEmbeddingCache):
+    def __init__(self, model: WanT2V, members: Sequence[BatchMember]):
         self.model = model
         self.members = list(members)
-        self.cache = cache
         ram = PeakRam()
         ram.start()
         reset_vram_peak(model.device)

@@ -175,7 +175,7 @@ class Engine:
                 member.settle(failure)
             raise failure
         try:
-            return run_batch(model, members, self.prompt_cache)
+            return run_batch(model, members)
         except EngineFailure as failure:
             if failure.code == "OOM":
                 self.prompt_cache.clear()  # the worker frees device memory next; give it the embeddings too

@@ -56,9 +56,9 @@ class WanShape:
         return self.batch * self.layers * (4 * n * n * d + 4 * n * L * d)
 
 
-def _time(fn: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of `fn` over `repeats` runs, after two warm-up runs (CUDA events)."""
-    for _ in range(2):
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of `fn` over `repeats` runs, after `warmup` runs (CUDA events)."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
@@ -90,7 +90,7 @@ def block_gemm_seconds(shape: WanShape, dtype: torch.dtype, repeats: int = 5) ->
         F.linear(x, w_up)
         F.linear(h, w_down)
 
-    return _time(block, repeats)
+    return median_seconds(block, repeats)
 
 
 def attention_seconds(
@@ -110,7 +110,7 @@ def attention_seconds(
             F.scaled_dot_product_attention(q, kt, vt)
 
     try:
-        return _time(attend, repeats)
+        return median_seconds(attend, repeats)
     except RuntimeError:
         return None
 

@@ -17,7 +17,6 @@ Run on a CUDA machine: PYTHONPATH=engine python scripts/experiments/cuda_graphs_
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -25,6 +24,7 @@ import traceback
 import torch
 from diffusers import WanTransformer3DModel
 
+from kino_engine.floor import median_seconds
 from kino_engine.random_weights import build_random
 from kino_engine.runtime.compile import compile_blocks
 from kino_engine.runtime.fuse import fuse
@@ -39,19 +39,9 @@ CONFIG_1_3B = {
 SHAPES = [(320, 192, 17), (480, 272, 33), (832, 480, 81)]
 
 
-def timed(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def timed(fn) -> float:
+    """Median ms of `fn` over 20 runs after 3 warm-up runs (CUDA events; kino's floor timer)."""
+    return median_seconds(fn, repeats=20, warmup=3) * 1000.0
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ Run on a CUDA machine: PYTHONPATH=engine python scripts/experiments/cudnn_fp8_at
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import traceback
 
@@ -30,22 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kino_engine.floor import median_seconds
+
 SHAPES = {"14b-1280x720x81": (1, 40, 75600, 128), "1.3b-832x480x81-cfg2": (2, 12, 32760, 128)}
 
 
-def timed_ms(fn, warm: int = 2, reps: int = 5) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def timed_ms(fn) -> float:
+    """Median ms of `fn` over 5 runs after 2 warm-up runs (CUDA events; kino's floor timer)."""
+    return median_seconds(fn, repeats=5, warmup=2) * 1000.0
 
 
 def bshd(b: int, h: int, s: int, d: int, generator: torch.Generator, outliers: bool) -> torch.Tensor:

@@ -51,7 +51,8 @@ export const ServeBenchSpec = z.object({
 });
 export type ServeBenchSpec = z.infer<typeof ServeBenchSpec>;
 
-const Stats = z.object({ values: z.array(z.number()), median: z.number(), min: z.number(), max: z.number() });
+/** A measured series and its median and range (the unit is the field's). */
+export const Stats = z.object({ values: z.array(z.number()), median: z.number(), min: z.number(), max: z.number() });
 export type Stats = z.infer<typeof Stats>;
 
 const FirstStep = z.looseObject({

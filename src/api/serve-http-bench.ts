@@ -16,7 +16,9 @@ import { randomUUID } from "node:crypto";
 import { EventSourceParserStream } from "eventsource-parser/stream";
 import { z } from "zod";
 import { KinoError } from "../errors.ts";
+import { median } from "../planner/learn.ts";
 import { gpuSlug, parseOptions, ProvenanceSchema, readToolAnswer, writeRecord, type Provenance } from "./bench.ts";
+import { Stats } from "./serve-bench.ts";
 
 export const HttpBenchOptions = z.object({
   /** The server, e.g. http://127.0.0.1:8188. */
@@ -36,8 +38,7 @@ export type HttpBenchOptions = z.input<typeof HttpBenchOptions>;
 export const HttpBenchSpec = HttpBenchOptions.omit({ apiKey: true }).extend({ provenance: ProvenanceSchema });
 export type HttpBenchSpec = z.infer<typeof HttpBenchSpec>;
 
-const Stats = z.object({ values: z.array(z.number()), median: z.number(), min: z.number(), max: z.number() });
-export type HttpStats = z.infer<typeof Stats>;
+export type HttpStats = Stats;
 
 /** One request's figures (ms). */
 export const HttpRun = z.object({
@@ -69,7 +70,7 @@ const KindFigures = z.object({
 
 export const HttpBenchRaw = z.looseObject({
   spec: HttpBenchSpec,
-  server: z.object({ version: z.string().nullable(), device: z.string(), model: z.string() }),
+  server: z.object({ device: z.string(), model: z.string() }),
   runs: z.array(HttpRun),
   figures: z.object({ newPrompt: KindFigures, cachedPrompt: KindFigures }),
 });
@@ -118,7 +119,7 @@ export async function runHttpBench(spec: HttpBenchSpec & { apiKey?: string }, lo
   const engine = ps.engines.find((e) => e.model !== null) ?? ps.engines[0]!;
   return HttpBenchRaw.parse({
     spec: { ...spec, apiKey: undefined },
-    server: { version: client.version, device: engine.device?.name ?? "cpu", model: engine.model ?? spec.model },
+    server: { device: engine.device?.name ?? "cpu", model: engine.model ?? spec.model },
     runs,
     figures: { newPrompt: kindFigures(runs, "newPrompt"), cachedPrompt: kindFigures(runs, "cachedPrompt") },
   });
@@ -171,11 +172,8 @@ export function figuresOf(kind: HttpRun["kind"], job: FinishedJob): HttpRun {
 }
 
 function stats(values: number[]): HttpStats {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  const median = sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
   const round = (v: number) => Math.round(v * 100) / 100;
-  return { values: values.map(round), median: round(median), min: round(sorted[0]!), max: round(sorted.at(-1)!) };
+  return { values: values.map(round), median: round(median(values)), min: round(Math.min(...values)), max: round(Math.max(...values)) };
 }
 
 function kindFigures(runs: readonly HttpRun[], kind: HttpRun["kind"]): z.infer<typeof KindFigures> {
@@ -193,7 +191,6 @@ function kindFigures(runs: readonly HttpRun[], kind: HttpRun["kind"]): z.infer<t
 
 /** The native API as the bench uses it: JSON requests with the key, a job followed over SSE to its end. */
 class HttpClient {
-  version: string | null = null;
   readonly base: string;
   readonly apiKey: string | undefined;
 
@@ -212,7 +209,6 @@ class HttpClient {
       headers: this.#headers(body === undefined ? {} : { "content-type": "application/json" }),
       ...(body === undefined ? {} : { body: JSON.stringify(body) }),
     });
-    this.version ??= res.headers.get("x-kino-version");
     const text = await res.text();
     if (!res.ok) throw new KinoError("TOOL_FAILED", `${method} ${path}: HTTP ${res.status} ${text.slice(0, 300)}`);
     return JSON.parse(text) as T;

@@ -58,7 +58,8 @@ export function peakRecords(plan: Plan, measured: Partial<Record<PlanPhase, numb
   return out;
 }
 
-function median(values: readonly number[]): number {
+/** The median of a non-empty series. */
+export function median(values: readonly number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;

@@ -425,9 +425,7 @@ class WanT2V:
         """Clips (N, 3, F, H, W) in [-1, 1] -> their latents' means as the denoiser sees them
         (normalized: the inverse of `_denormalize`), float32 on the host."""
         z = self.vae.encode(video.to(self.device, self.vae.dtype)).latent_dist.mode()
-        config = self.vae.config
-        mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        std = torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        mean, std = self._latent_stats(torch.device("cpu"), torch.float32)
         return (z.float().cpu() - mean) / std
 
     def _velocity(
@@ -487,11 +485,16 @@ class WanT2V:
         return (frames * 255).round().to(torch.uint8).cpu().numpy()
 
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
-        config = self.vae.config
         latents = latents.to(self.device, self.vae.dtype)
-        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        mean, std = self._latent_stats(latents.device, latents.dtype)
         return latents * std + mean
+
+    def _latent_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel latent mean and std, (1, C, 1, 1, 1) each: normalized = (z - mean) / std."""
+        config = self.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(device, dtype)
+        std = torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(device, dtype)
+        return mean, std
 
     @staticmethod
     def _to_uint8(video: torch.Tensor) -> torch.Tensor:

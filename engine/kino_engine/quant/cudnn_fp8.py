@@ -26,6 +26,7 @@ scripts/experiments/cudnn_fp8_attention.py before this mode is offered by any pl
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ P_SCALE = FP8_MAX
 FIX = "pip install nvidia-cudnn-frontend (the engine's Python environment), on a GPU with compute capability 8.9+"
 
 
+@functools.cache
 def frontend_available() -> bool:
+    """Whether the nvidia-cudnn-frontend package imports (tried once per process)."""
     try:
         import cudnn  # noqa: F401
     except Exception:
@@ -48,22 +51,26 @@ def frontend_available() -> bool:
     return True
 
 
+def _why_not(device: torch.device) -> str | None:
+    """Why cuDNN's FP8 attention cannot run on a CUDA `device`; None when it can."""
+    if not frontend_available():
+        return f"attention_precision 'fp8-cudnn' needs the nvidia-cudnn-frontend package: {FIX}"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        return f"attention_precision 'fp8-cudnn' needs FP8 tensor cores (compute capability 8.9+); {name} has none"
+    return None
+
+
 def runs_on(device: torch.device) -> bool:
     """Whether cuDNN's FP8 attention can run on `device` (else the op emulates it)."""
-    if device.type != "cuda" or not frontend_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _why_not(device) is None
 
 
 def require_cudnn_fp8(device: torch.device) -> None:
     """Raises ValueError naming the fix when the mode cannot run on this CUDA device (the CPU emulates)."""
-    if device.type != "cuda":
-        return
-    if not frontend_available():
-        raise ValueError(f"attention_precision 'fp8-cudnn' needs the nvidia-cudnn-frontend package: {FIX}")
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        raise ValueError(f"attention_precision 'fp8-cudnn' needs FP8 tensor cores (compute capability 8.9+); {name} has none")
+    reason = None if device.type != "cuda" else _why_not(device)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,12 @@ OnStep = Callable[[int, int, float], None]
 POLL_S = 0.0005
 
 
+def wait_polling(event: torch.cuda.Event) -> None:
+    """Waits for `event` by polling it (`query()`, POLL_S sleeps): no host synchronization call."""
+    while not event.query():
+        time.sleep(POLL_S)
+
+
 class StepTimer:
     """Per-step milliseconds for progress events, read without stalling the GPU."""
 
@@ -94,8 +100,7 @@ class StepTimer:
             if not stop.query():
                 if len(self._pending) <= keep:
                     return
-                while not stop.query():
-                    time.sleep(POLL_S)
+                wait_polling(stop)
             self._pending.pop(0)
             self._report(index, start.elapsed_time(stop))
 

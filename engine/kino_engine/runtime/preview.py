@@ -22,7 +22,6 @@ It knows nothing of the protocol: previews go to a callback as `Preview`s.
 from __future__ import annotations
 
 import io
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .hotloop import POLL_S
+from .hotloop import wait_polling
 
 if TYPE_CHECKING:
     from ..protocol import PreviewSpec
@@ -159,10 +158,6 @@ class PreviewTap:
         self._slot = {i: k for k, i in enumerate(sorted(self.due))}
         self._pending: deque[tuple[int, list[int], torch.Tensor, torch.cuda.Event | None]] = deque()
 
-    @property
-    def active(self) -> bool:
-        return bool(self.due)
-
     def capture(self, i: int, latents: torch.Tensor, velocity: torch.Tensor) -> None:
         """At step i (0-based), before the scheduler steps: queue the previews due there (no wait)."""
         rows = self.due.get(i)
@@ -194,8 +189,7 @@ class PreviewTap:
             if event is not None and not event.query():
                 if not wait:
                     return
-                while not event.query():
-                    time.sleep(POLL_S)
+                wait_polling(event)
             self._pending.popleft()
             width, height = self.size
             for r in rows:

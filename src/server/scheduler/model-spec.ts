@@ -62,8 +62,8 @@ export function sameLoad(a: ModelSpec, b: ModelSpec): boolean {
   return JSON.stringify(a) === JSON.stringify(b);
 }
 
-/** What the engine runs: the job's parameters, its output, the plan's job fields and its previews (where it has any). */
-export function jobSpecFor(s: JobSubmission, video: string, plan: Plan | null): JobSpec {
+/** What the engine runs: the job's parameters, its video (null: none, as a prewarm writes nothing), the plan's job fields and its previews (where it has any). */
+export function jobSpecFor(s: JobSubmission, video: string | null, plan: Plan | null): JobSpec {
   return {
     ...s.params,
     output: { video, framesDir: null },

@@ -108,14 +108,20 @@ async function start(members: readonly Member[], slot: EngineSlot, deps: RunJobD
       await deps.journal.note(job.id, { type: "notice", message });
     }
   }
-  await slot.ensureAlive();
-  const submission = members[0]!.job.submission; // a batch shares its model
-  if (submission.model.tiny && submission.model.path !== null && !(await hasCheckpoint(submission.model.path))) {
-    const message = `making kino's tiny model in ${submission.model.path} (once; a few seconds)`;
+  // A batch shares its model.
+  await prepareEngine(members[0]!.job.submission, slot, deps, async (message) => {
     for (const { job } of members) await deps.journal.note(job.id, { type: "notice", message });
+  });
+  for (const { job } of members) await mkdir(jobFolder(deps.dataDir, job.id), { recursive: true });
+}
+
+/** Checks the engine answers and makes kino's tiny model where the submission needs it (`notify` says so first). */
+async function prepareEngine(submission: JobSubmission, slot: EngineSlot, deps: RunJobDeps, notify: (message: string) => Promise<void>): Promise<void> {
+  await slot.ensureAlive();
+  if (submission.model.tiny && submission.model.path !== null && !(await hasCheckpoint(submission.model.path))) {
+    await notify(`making kino's tiny model in ${submission.model.path} (once; a few seconds)`);
     await ensureTinyModel(submission.model.path, deps.makeTiny);
   }
-  for (const { job } of members) await mkdir(jobFolder(deps.dataDir, job.id), { recursive: true });
 }
 
 /** Records how a job ended: its video and result, or its failure; says whether its engine died. */
@@ -149,13 +155,19 @@ async function ensureLoaded(members: readonly Member[], slot: EngineSlot, plan: 
   const submission = members[0]!.job.submission;
   const ids = members.map((m) => m.job.id).join(", ");
   if (plan !== null) deps.logger.info(`job ${ids}: ${describePlan(plan)}`);
+  await loadUnlessHeld(submission, slot, plan, deps, async () => {
+    for (const { job } of members) await deps.journal.note(job.id, { type: "model.loading", model: submission.model.name });
+  });
+}
+
+/** Loads the submission's model with the plan unless the engine holds it so already (`onLoading` first). */
+async function loadUnlessHeld(submission: JobSubmission, slot: EngineSlot, plan: Plan | null, deps: RunJobDeps, onLoading: () => Promise<void>): Promise<void> {
   const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan, deps.compile ?? false);
   const loaded = slot.loadedSpec;
-  if (loaded === null || !sameLoad(loaded, spec)) {
-    for (const { job } of members) await deps.journal.note(job.id, { type: "model.loading", model: submission.model.name });
-    // A load is not cancellable in the protocol: a cancel during it takes effect right after.
-    await deps.exclusiveLoad(() => slot.load(spec, modelIdentity(submission)));
-  }
+  if (loaded !== null && sameLoad(loaded, spec)) return;
+  await onLoading();
+  // A load is not cancellable in the protocol: a cancel during it takes effect right after.
+  await deps.exclusiveLoad(() => slot.load(spec, modelIdentity(submission)));
 }
 
 /** The job's engine events as its progress events, and its previews (written, then announced). */
@@ -236,16 +248,11 @@ async function generateTogether(members: readonly Member[], slot: EngineSlot, de
  * each batch size in `batches` (EngineSlot.prewarm). Returns each forward's ms.
  */
 export async function prewarmOn(submission: JobSubmission, slot: EngineSlot, batches: readonly number[], deps: RunJobDeps): Promise<number[]> {
-  await slot.ensureAlive();
-  if (submission.model.tiny && submission.model.path !== null && !(await hasCheckpoint(submission.model.path))) {
-    await ensureTinyModel(submission.model.path, deps.makeTiny);
-  }
+  const quiet = async () => {};
+  await prepareEngine(submission, slot, deps, quiet);
   const plan = planFor(submission, slot);
-  const spec = modelSpecFor(submission, slot.gpus, deps.cacheDir, plan, deps.compile ?? false);
-  const loaded = slot.loadedSpec;
-  if (loaded === null || !sameLoad(loaded, spec)) await deps.exclusiveLoad(() => slot.load(spec, modelIdentity(submission)));
-  // A prewarm writes nothing: no outputs.
-  const job = { ...jobSpecFor(submission, "", plan), output: { video: null, framesDir: null } };
+  await loadUnlessHeld(submission, slot, plan, deps, quiet);
+  const job = jobSpecFor(submission, null, plan); // a prewarm writes nothing
   const ms: number[] = [];
   for (const jobs of batches) ms.push((await slot.prewarm(job, jobs)).ms);
   return ms;

@@ -271,11 +271,10 @@ export class Scheduler {
       const slot = this.#slots.find((s) => s.index === index);
       if (slot === undefined) return;
       const { model, params } = next.submission;
-      let batch = selectBatch(next, this.#queue.waiting(), this.#deps.maxBatch);
-      if (batch.length > 1) {
-        batch = batch.slice(0, batchRoom(model.name, params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, batch.length));
-      }
-      const wait = this.#batchWait(next, batch.length, () => batchRoom(model.name, params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, this.#deps.maxBatch));
+      // How many jobs of this shape the engine's plan has room for (batchRoom(n) is min(n, that)).
+      const room = batchRoom(model.name, params, slot.gpus[0], slot.hello?.hostRamBytes ?? null, this.#deps.maxBatch);
+      const batch = selectBatch(next, this.#queue.waiting(), room);
+      const wait = this.#batchWait(next, batch.length, room);
       if (wait > 0) {
         // The next job is young and its batch has room: give its shape's other requests a moment.
         this.#armWindow(wait);
@@ -291,12 +290,10 @@ export class Scheduler {
    * the batch window, whose batch is not full yet and could hold more on this engine, on a node whose
    * queue is its own (a shared queue hands a node one job per free engine, so no company would come).
    */
-  #batchWait(next: QueuedJob, batchSize: number, room: () => number): number {
+  #batchWait(next: QueuedJob, batchSize: number, room: number): number {
     const window = this.#deps.batchWindowMs ?? 0;
-    if (window <= 0 || this.#deps.maxBatch <= 1 || this.#deps.shared !== undefined || next.createdAt === undefined) return 0;
-    const left = next.createdAt + window - this.#deps.clock.now();
-    if (left <= 0 || batchSize >= this.#deps.maxBatch || batchSize >= room()) return 0;
-    return left;
+    if (window <= 0 || batchSize >= room || this.#deps.shared !== undefined || next.createdAt === undefined) return 0;
+    return Math.max(0, next.createdAt + window - this.#deps.clock.now());
   }
 
   /** Dispatches again after `ms` (the earliest of the windows asked for). */
